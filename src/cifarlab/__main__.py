@@ -1,0 +1,5 @@
+import sys
+
+from cifarlab.cli import main
+
+sys.exit(main())

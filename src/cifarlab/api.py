@@ -1,0 +1,93 @@
+"""The Python API. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cifarlab import config
+from cifarlab.errors import UserError
+
+
+def train(
+    recipe: str | Path = "seed-cnn",
+    data: str | Path | None = "cifar10",
+    out: str | Path | None = None,
+    test: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    tracker=None,
+) -> dict:
+    """Train a recipe on `data` into run directory `out`; returns the run's metrics
+    (with `run_dir`). `resume` continues a killed run from its directory."""
+    from cifarlab.training import fit
+
+    if resume is not None:
+        run = Path(resume)
+        if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
+            raise UserError(
+                f"{run} has no last.pt/config.yaml to resume from; pass a run directory"
+            )
+        resolved = config.load_run(run, overrides)
+        result = fit(resolved, run, resume=True, progress=progress, tracker=tracker)
+        return {**result, "run_dir": str(run)}
+    overrides = dict(overrides or {})
+    if data is not None:
+        overrides["data.source"] = str(data)
+    if test is not None:
+        overrides["data.test"] = str(test)
+    resolved = config.load_recipe(recipe, overrides)
+    if not resolved["data"]["source"]:
+        raise UserError(
+            "no training data: pass --data PATH (an image folder, an archive or 'cifar10')"
+        )
+    run = Path(out) if out else Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}"
+    if (run / "last.pt").exists():
+        raise UserError(
+            f"{run} already holds a run; use --resume {run} to continue it or another --out"
+        )
+    result = fit(resolved, run, progress=progress, tracker=tracker)
+    return {**result, "run_dir": str(run)}
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """A Predictor for a run directory or a checkpoint file."""
+    from cifarlab.inference import Predictor
+
+    return Predictor.from_checkpoint(path, device)
+
+
+def evaluate(
+    model: str | Path, data: str | Path | None = None, tta: bool = False, device: str = "cpu"
+) -> dict:
+    """Metrics of a model on `data` (all of it; the test split for CIFAR-10). Without `data`,
+    a run directory is scored on its own held-out validation split."""
+    from cifarlab.data import load_images
+    from cifarlab.metrics import metrics
+    from cifarlab.training import align_classes, split_data
+
+    predictor = load(model, device)
+    if data is None:
+        run = Path(model)
+        if not (run / "config.yaml").is_file():
+            raise UserError("pass --data PATH, or a run directory to score on its validation split")
+        recipe = config.load_run(run)
+        _, dataset, _ = split_data(recipe)
+    else:
+        dataset = load_images(data, image_size=predictor.image_size, split="test")
+    dataset = align_classes(dataset, predictor.classes)
+    probs = predictor.probs(dataset.images)
+    if tta:
+        probs = (probs + predictor.probs(dataset.images[:, :, ::-1])) / 2
+    return metrics(probs, dataset.labels, predictor.classes)
+
+
+def predict(
+    model: str | Path, inputs: list[str], top_k: int = 5, device: str = "cpu"
+) -> list[dict]:
+    """Top-k classes for image files, folders or globs; unreadable files come back with `error`."""
+    from cifarlab.inference import expand_inputs
+
+    return list(load(model, device).predict_files(expand_inputs(inputs), top_k))

@@ -1,0 +1,93 @@
+"""Checkpoints that describe themselves and load with `torch.load(weights_only=True)`.
+
+- model checkpoint (`best.pt`): weights + the recipe's model section + class names + preprocessing;
+  enough to rebuild and use the model with nothing else.
+- training state (`last.pt`): model, optimizer, scheduler, EMA, RNG states, phase, epoch, history;
+  enough to resume a killed run exactly where its last finished epoch left off.
+Both are written to a temporary file and renamed into place, so a kill never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifarlab import __version__
+from cifarlab.errors import UserError
+
+FORMAT = "cifarlab-checkpoint"
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(
+    path: Path,
+    model: nn.Module,
+    model_spec: dict,
+    classes: list[str],
+    preprocess: dict,
+    metrics: dict | None = None,
+) -> None:
+    atomic_save(
+        {
+            "format": FORMAT,
+            "version": 1,
+            "cifarlab_version": __version__,
+            "model": model_spec,
+            "classes": list(classes),
+            "preprocess": preprocess,
+            "metrics": metrics or {},
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
+def read(path: Path) -> dict:
+    """Load any cifarlab checkpoint file safely (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass a run directory or a .pt file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise UserError(
+            f"{path} is not a readable cifarlab checkpoint ({type(e).__name__}); "
+            "pass best.pt from a run directory"
+        ) from None
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A run directory means its best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise UserError(f"{path} has no best.pt; is it a finished cifarlab run directory?")
+        return path / "best.pt"
+    return path
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint (or run directory). Returns (model in eval mode, info)."""
+    from cifarlab.models import build_model
+
+    ckpt = read(resolve_path(path))
+    if ckpt.get("format") != FORMAT:
+        raise UserError(
+            f"{path} is not a cifarlab model checkpoint; pass best.pt from a run directory"
+        )
+    model, _ = build_model(
+        ckpt["model"], len(ckpt["classes"]), ckpt["preprocess"]["input_size"], pretrained=False
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, info

@@ -1,0 +1,155 @@
+"""Recipes: small YAML files merged over `recipes/defaults.yaml`, overridable key by key."""
+
+from __future__ import annotations
+
+import copy
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifarlab.errors import UserError
+
+RECIPES = resources.files("cifarlab") / "recipes"
+FREE_SECTIONS = ("model",)  # sections whose keys are model arguments, not checked against defaults
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def recipe_names() -> list[str]:
+    return sorted(
+        p.name[:-5]
+        for p in RECIPES.iterdir()
+        if p.name.endswith(".yaml") and p.name != "defaults.yaml"
+    )
+
+
+def read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.load(text, Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{where} is not valid YAML ({e}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a YAML mapping of sections (model, data, train, ...)")
+    return data
+
+
+def defaults() -> dict:
+    return read_yaml((RECIPES / "defaults.yaml").read_text(), "defaults.yaml")
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
+    """A recipe by name (see `cifarlab recipes`) or YAML path, merged over the defaults,
+    with `overrides` ({'train.epochs': 3, ...}) applied last."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(
+                f"recipe file {path} not found; pass an existing YAML file or a recipe name"
+            )
+        recipe = read_yaml(path.read_text(), str(path))
+    elif str(name_or_path) in recipe_names():
+        recipe = read_yaml((RECIPES / f"{name_or_path}.yaml").read_text(), f"{name_or_path}.yaml")
+    else:
+        raise UserError(
+            f"unknown recipe {str(name_or_path)!r}; choose one of {', '.join(recipe_names())} or a .yaml file"
+        )
+    return resolve(recipe, overrides)
+
+
+def load_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> dict:
+    """The resolved recipe a run directory was trained with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; pass a cifarlab run directory")
+    return resolve(read_yaml(path.read_text(), str(path)), overrides)
+
+
+def resolve(recipe: dict, overrides: dict[str, Any] | None = None) -> dict:
+    """Merge a (partial) recipe over the defaults, check its keys, apply overrides."""
+    merged = defaults()
+    _merge(merged, recipe, "")
+    for key, value in (overrides or {}).items():
+        if key.startswith("*phases."):  # a CLI flag: applies to every phase too
+            for phase in merged["phases"]:
+                phase[key.removeprefix("*phases.")] = value
+        else:
+            set_key(merged, key, value)
+    for i, phase in enumerate(merged["phases"]):
+        unknown = set(phase) - set(merged["train"]) - {"name"}
+        if unknown:
+            raise UserError(
+                f"phases[{i}] has unknown key(s) {sorted(unknown)}; use keys of `train`"
+            )
+    return merged
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    for key, value in update.items():
+        where = f"{prefix}{key}"
+        if key not in base and prefix.rstrip(".") not in FREE_SECTIONS:
+            raise UserError(f"unknown recipe key {where!r}; see `cifarlab recipes --show defaults`")
+        if isinstance(base.get(key), dict) and isinstance(value, dict):
+            _merge(base[key], value, f"{where}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def set_key(recipe: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` (or `phases.1.lr`) in a resolved recipe, checking the key exists."""
+    parts = dotted.split(".")
+    node: Any = recipe
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]))
+    last = parts[-1]
+    section = parts[0] if len(parts) > 1 else ""
+    if isinstance(node, list):
+        raise UserError(f"cannot set {dotted!r}: name a key inside the list item")
+    if last not in node and section not in FREE_SECTIONS and not (section == "phases"):
+        raise UserError(f"unknown recipe key {dotted!r}; see `cifarlab recipes --show defaults`")
+    node[last] = value
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise UserError(f"{where!r}: index out of range (the list has {len(node)} items)")
+        return node[int(part)]
+    if not isinstance(node, dict) or part not in node:
+        raise UserError(f"unknown recipe key {where!r}; see `cifarlab recipes --show defaults`")
+    return node[part]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); values are parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects KEY=VALUE (e.g. train.lr=3e-4), got {text!r}")
+    try:
+        return key.strip(), yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def phases(recipe: dict) -> list[dict]:
+    """The training phases: `train` alone, or `train` overridden by each entry of `phases`."""
+    if not recipe["phases"]:
+        return [{**recipe["train"], "name": "train"}]
+    return [
+        {**recipe["train"], "name": f"phase{i + 1}", **p} for i, p in enumerate(recipe["phases"])
+    ]
+
+
+def dump(recipe: dict) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False)

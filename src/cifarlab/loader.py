@@ -1,0 +1,72 @@
+"""Batches straight from a uint8 tensor on the training device: index, scale, augment, resize,
+normalise. No worker processes, no per-image Python: the data path stays far ahead of the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from cifarlab.augment import AugmentConfig, augment
+from cifarlab.data import ImageSet
+
+
+class BatchLoader:
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        device: torch.device,
+        preprocess: dict,
+        aug: AugmentConfig | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+    ):
+        self.images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = torch.from_numpy(data.labels).long().to(device)
+        self.num_classes = len(data.classes)
+        self.batch_size, self.device, self.aug = batch_size, device, aug
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.rank, self.world_size = (
+            rank,
+            world_size,
+        )  # each process of a torchrun job takes a shard
+        self.channels_last = channels_last
+        self.input_size = int(preprocess["input_size"])
+        self.mean = torch.tensor(preprocess["mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, len(self.labels), self.world_size))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (inputs, targets): targets are soft (N, classes) when augmenting, else class ids."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
+        positions = torch.arange(n, device=self.device)[self.rank :: self.world_size]
+        for i in range(len(self)):
+            pos = positions[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[pos] if order is not None else pos
+            x = self.images[idx].float().div_(255)
+            y = self.labels[idx]
+            if self.aug is not None:
+                y = F.one_hot(y, self.num_classes).float()
+                x, y = augment(x, y, self.aug, g)
+            yield self.prepare(x), y
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize a [0, 1] batch to the model's input size and normalise it."""
+        return prepare(x, self.input_size, self.mean, self.std, self.channels_last)
+
+
+def prepare(x, input_size: int, mean, std, channels_last: bool = False) -> torch.Tensor:
+    if x.shape[-1] != input_size or x.shape[-2] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,355 @@
+"""The one training loop, for every model and recipe: phases of epochs, validation each epoch,
+best checkpoint kept, early stopping, exact resume from the last finished epoch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from cifarlab import checkpoint, config
+from cifarlab.augment import AugmentConfig
+from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
+from cifarlab.errors import UserError
+from cifarlab.loader import BatchLoader
+from cifarlab.metrics import metrics, predict_probs
+from cifarlab.models import build_model, count_parameters
+from cifarlab.tracking import NullTracker
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto"
+        )
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def split_data(recipe: dict) -> tuple[ImageSet, ImageSet, ImageSet | None]:
+    """(train, val, test) exactly as the recipe and its seed define them."""
+    d = recipe["data"]
+    full = load_images(d["source"], image_size=d["image_size"], skip_bad=d["skip_bad"])
+    full.check_trainable()
+    train_idx, val_idx = stratified_split(full.labels, d["val_fraction"], recipe["seed"])
+    train = full.subset(train_idx)
+    if d["limit"]:
+        train = train.subset(stratified_limit(train.labels, int(d["limit"]), recipe["seed"]))
+    test = None
+    if d["test"]:
+        test = align_classes(
+            load_images(d["test"], image_size=d["image_size"], split="test"), full.classes
+        )
+    return train, full.subset(val_idx), test
+
+
+def align_classes(data: ImageSet, classes: list[str]) -> ImageSet:
+    """Relabel `data` to the class order of a model; refuse a different set of classes."""
+    if data.classes == list(classes):
+        return data
+    if set(data.classes) != set(classes):
+        missing, extra = (
+            sorted(set(classes) - set(data.classes)),
+            sorted(set(data.classes) - set(classes)),
+        )
+        raise UserError(
+            f"class mismatch: the model knows {len(classes)} classes, the data has {len(data.classes)} "
+            f"(missing: {missing or '-'}, unknown: {extra or '-'}); use data with the model's classes"
+        )
+    remap = np.array([classes.index(c) for c in data.classes])
+    return ImageSet(data.images, remap[data.labels], list(classes))
+
+
+def make_optimizer(params, phase: dict) -> torch.optim.Optimizer:
+    name, lr, wd = phase["optimizer"], float(phase["lr"]), float(phase["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=phase["momentum"], nesterov=phase["nesterov"], weight_decay=wd
+        )
+    raise UserError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base LR at `step`: linear warm-up, then the schedule's shape down to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return max(0.0, 1 - t)
+    if schedule == "onecycle":  # warm-up is part of the cycle: 25% up unless warmup_epochs says
+        return max(0.0, 1 - t) if warmup else min(1.0, 4 * t) if t < 0.25 else (1 - t) / 0.75
+    raise UserError(f"unknown schedule {schedule!r}; use constant, cosine, linear or onecycle")
+
+
+def epoch_seed(seed: int, phase: int, epoch: int) -> int:
+    """Each epoch draws from its own seed, so a resumed run replays the same stream."""
+    return seed * 1_000_003 + phase * 10_007 + epoch
+
+
+def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tracker=None) -> dict:
+    """Train the recipe into run directory `out` and return its metrics."""
+    tracker = tracker or NullTracker()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.dump(recipe))
+    device = resolve_device(recipe["device"])
+    bf16 = use_bf16(recipe["precision"], device)
+    torch.manual_seed(recipe["seed"])
+
+    train_set, val_set, test_set = split_data(recipe)
+    classes = train_set.classes
+    model, preprocess = build_model(recipe["model"], len(classes), recipe["data"]["image_size"])
+    preprocess["image_size"] = recipe["data"]["image_size"]
+    channels_last = device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    log(
+        f"data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
+        f"model: {recipe['model']['name']} {count_parameters(model) / 1e6:.2f}M params; "
+        f"device: {device}{' bf16' if bf16 else ''}"
+    )
+
+    phase_list = config.phases(recipe)
+    state = {"phase": 0, "epoch": 0, "best": -1.0, "stale": 0, "history": [], "done": False}
+    saved = None
+    if resume:
+        saved = checkpoint.read(out / "last.pt")
+        model.load_state_dict(saved["model"])
+        state = saved["state"]
+        torch.set_rng_state(saved["rng"]["torch"])
+        where = (
+            f"{phase_list[state['phase']]['name']} epoch {state['epoch'] + 1}"
+            if state["phase"] < len(phase_list)
+            else "the final scoring"
+        )
+        log(f"resuming {out} at {where}")
+    tracker.start(recipe, out)
+
+    aug = AugmentConfig(**recipe["augment"])
+    eval_kw = dict(device=device, preprocess=preprocess, channels_last=channels_last)
+    val_loader = BatchLoader(val_set, 500, **eval_kw)
+    step = sum(1 for _ in state["history"])
+    for p_i, phase in enumerate(phase_list):
+        if p_i < state["phase"] or state["done"]:
+            continue
+        batch = int(phase["batch_size"])
+        train_loader = BatchLoader(
+            train_set, batch, aug=aug, shuffle=True, drop_last=len(train_set) > batch, **eval_kw
+        )
+        set_trainable = getattr(model, "set_trainable", None)
+        if set_trainable is not None:
+            set_trainable(phase["freeze"])
+        elif phase["freeze"] != "none":
+            raise UserError(
+                f"freeze={phase['freeze']!r} needs a pretrained backbone (model.name: timm)"
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, phase)
+        steps = int(phase["epochs"]) * len(train_loader)
+        warmup = int(float(phase["warmup_epochs"]) * len(train_loader))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s, _t=steps, _w=warmup, _s=phase["schedule"]: lr_factor(s, _t, _w, _s)
+        )
+        ema = (
+            AveragedModel(
+                model, multi_avg_fn=get_ema_multi_avg_fn(float(phase["ema"])), use_buffers=True
+            )
+            if phase["ema"]
+            else None
+        )
+        if saved is not None and saved["state"]["phase"] == p_i and state["epoch"] > 0:
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(saved["ema"])
+        for epoch in range(state["epoch"], int(phase["epochs"])):
+            torch.manual_seed(epoch_seed(recipe["seed"], p_i, epoch))
+            t0 = time.perf_counter()
+            model.train()
+            if set_trainable is not None:
+                set_trainable(phase["freeze"])  # re-applies eval mode to frozen BatchNorm layers
+            loss_sum = correct = seen = 0.0
+            bar = tqdm(
+                train_loader.epoch(epoch_seed(recipe["seed"], p_i, epoch)),
+                total=len(train_loader),
+                desc=f"{phase['name']} {epoch + 1}/{phase['epochs']}",
+                leave=False,
+                disable=not progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            for x, y in bar:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(x)
+                loss = F.cross_entropy(
+                    logits.float(), y, label_smoothing=float(phase["label_smoothing"])
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                n = len(x)
+                loss_sum += loss.item() * n
+                correct += (logits.argmax(1) == y.argmax(1)).sum().item()
+                seen += n
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False
+                )
+            bar.close()
+            train_time = time.perf_counter() - t0
+            scored = ema.module if ema is not None else model
+            val = metrics(
+                predict_probs(scored, val_loader, phase["eval_tta"], bf16), val_set.labels, classes
+            )
+            row = {
+                "phase": phase["name"],
+                "epoch": epoch + 1,
+                "step": step + 1,
+                "train_loss": loss_sum / seen,
+                "train_accuracy": correct / seen,
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+                "train_images_per_s": seen / train_time,
+            }
+            state["history"].append(row)
+            step += 1
+            improved = val["accuracy"] > state["best"]
+            if improved:
+                state["best"], state["stale"] = val["accuracy"], 0
+                checkpoint.save_model(
+                    out / "best.pt",
+                    scored,
+                    recipe["model"],
+                    classes,
+                    preprocess,
+                    {"val_accuracy": val["accuracy"], "phase": phase["name"], "epoch": epoch + 1},
+                )
+            else:
+                state["stale"] += 1
+            stop = bool(phase["early_stopping"]) and state["stale"] >= int(phase["early_stopping"])
+            last = epoch + 1 == int(phase["epochs"]) or stop
+            state["epoch"] = 0 if last else epoch + 1
+            state["phase"] = p_i + 1 if last else p_i
+            checkpoint.atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "state": state,
+                    "rng": {"torch": torch.get_rng_state()},
+                },
+                out / "last.pt",
+            )
+            write_history(out / "history.csv", state["history"])
+            tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step)
+            log(
+                f"{phase['name']} {epoch + 1:>3}/{phase['epochs']}  loss {row['train_loss']:.4f}  "
+                f"acc {row['train_accuracy']:.4f}  val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.4f}  "
+                f"{row['seconds']:.1f}s  {row['train_images_per_s']:.0f} img/s{'  *' if improved else ''}"
+            )
+            if stop:
+                log(f"early stopping: no better val accuracy for {phase['early_stopping']} epochs")
+                break
+        state["stale"] = 0
+        saved = None
+    state["done"] = True
+    return finish(recipe, out, model, train_set, val_set, test_set, state, tracker, progress)
+
+
+def finish(
+    recipe, out: Path, model, train_set, val_set, test_set, state, tracker, progress
+) -> dict:
+    """Score the best checkpoint on val (and test) and write metrics.json and the plots."""
+    from cifarlab import plots
+
+    best, info = checkpoint.load_model(out / "best.pt")
+    device = next(model.parameters()).device
+    best.to(device)
+    tta = bool(recipe["train"]["eval_tta"])
+    kw = dict(device=device, preprocess=info["preprocess"], channels_last=device.type == "cuda")
+    bf16 = use_bf16(recipe["precision"], device)
+    result = {
+        "recipe": recipe["name"],
+        "classes": train_set.classes,
+        "n_train": len(train_set),
+        "parameters": count_parameters(best),
+        "device": str(device),
+        "train_seconds": sum(r["seconds"] for r in state["history"]),
+        "best": info["metrics"],
+        "phases": phase_summaries(state["history"]),
+    }
+    for name, data in (("val", val_set), ("test", test_set)):
+        if data is not None and len(data):
+            probs = predict_probs(best, BatchLoader(data, 500, **kw), tta, bf16)
+            result[name] = metrics(probs, data.labels, data.classes)
+            np.save(out / f"{name}_probs.npy", probs)
+    write_json(out / "metrics.json", result)
+    plots.curves(state["history"], out / "curves.png")
+    scored = result.get("test") or result["val"]
+    plots.confusion(np.array(scored["confusion"]), scored["classes"], out / "confusion.png")
+    tracker.finish(result, out)
+    return result
+
+
+def phase_summaries(history: list[dict]) -> list[dict]:
+    """The last epoch of each phase: the seed's 'after training' / 'after fine-tuning' rows."""
+    ends: dict[str, dict] = {}
+    for row in history:
+        ends[row["phase"]] = row
+    return [
+        {
+            "phase": k,
+            "epochs": v["epoch"],
+            "val_accuracy": v["val_accuracy"],
+            "val_loss": v["val_loss"],
+        }
+        for k, v in ends.items()
+    ]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ["cat", "dog", "ship"]
+COLORS = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]])
+
+
+def make_folder(root, per_class=20, size=32, seed=0):
+    """An image folder whose classes differ by colour, so a tiny model can learn it."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = np.clip(COLORS[c] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cifarlab_home(tmp_path_factory, monkeypatch):
+    """Keep caches and tracking out of the user's home and working directory."""
+    home = tmp_path_factory.mktemp("cifarlab_home")
+    monkeypatch.setenv("CIFARLAB_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return make_folder(tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A seed-cnn shaped recipe small enough to train in a second."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "name: tiny\n"
+        "model: {name: seed_cnn, widths: [8, 16], convs_per_block: 1, dense: 16, dropout: 0.1}\n"
+        "data: {val_fraction: 0.25}\n"
+        "augment: {flip: true, rotate: 10.0, zoom: 0.1}\n"
+        "train: {epochs: 3, batch_size: 8, lr: 0.01}\n"
+    )
+    return path

@@ -1,0 +1,187 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import cifarlab
+from cifarlab import training as train_module
+from cifarlab.cli import main
+
+from .conftest import make_folder
+
+
+def test_train_writes_a_complete_run_directory(tiny_folder, tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    result = cifarlab.train(tiny_recipe, tiny_folder, out, progress=False)
+    for name in (
+        "config.yaml",
+        "history.csv",
+        "metrics.json",
+        "best.pt",
+        "last.pt",
+        "curves.png",
+        "confusion.png",
+    ):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"]["n"] == 15 and metrics["n_train"] == 45
+    assert metrics["val"]["accuracy"] == result["val"]["accuracy"]
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + 3
+    # colours separate the classes: even three tiny epochs learn them
+    assert result["val"]["accuracy"] > 0.6
+
+
+def test_same_seed_same_metrics_on_cpu(tiny_folder, tiny_recipe, tmp_path):
+    a = cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "a", progress=False)
+    b = cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "b", progress=False)
+    assert a["val"]["loss"] == b["val"]["loss"]
+    assert (tmp_path / "a/history.csv").read_text().split("seconds")[0] == (
+        tmp_path / "b/history.csv"
+    ).read_text().split("seconds")[0]
+
+
+def history_without_timings(path):
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if name not in ("seconds", "train_images_per_s")]
+    return [[r[i] for i in keep] for r in rows]
+
+
+def test_resume_after_a_crash_mid_epoch_matches_a_clean_run(
+    tiny_folder, tiny_recipe, tmp_path, monkeypatch
+):
+    clean = cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "clean", progress=False)
+
+    real_step = train_module.torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8:  # second epoch, third batch
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(train_module.torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(train_module.torch.optim.Adam, "step", real_step)
+    resumed = cifarlab.train(resume=tmp_path / "killed", progress=False)
+    assert resumed["val"]["loss"] == clean["val"]["loss"]
+    assert history_without_timings(tmp_path / "killed/history.csv") == history_without_timings(
+        tmp_path / "clean/history.csv"
+    )
+
+
+def test_kill_9_then_resume_matches_clean_run(tmp_path):
+    tiny_folder = make_folder(tmp_path / "data", per_class=150)
+    recipe = tmp_path / "slow.yaml"
+    recipe.write_text(
+        "name: slow\nmodel: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
+        "data: {val_fraction: 0.25}\naugment: {flip: true, translate: 2}\n"
+        "train: {epochs: 4, batch_size: 2, lr: 0.003}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifarlab",
+        "train",
+        "--recipe",
+        str(recipe),
+        "--data",
+        str(tiny_folder),
+        "--no-progress",
+    ]
+    subprocess.run(cmd + ["--out", str(tmp_path / "clean")], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed/last.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the second epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed/metrics.json").exists(), "the run finished before the kill"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifarlab",
+            "train",
+            "--resume",
+            str(tmp_path / "killed"),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    clean = json.loads((tmp_path / "clean/metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed/metrics.json").read_text())
+    assert resumed["val"]["loss"] == clean["val"]["loss"]
+    assert resumed["val"]["confusion"] == clean["val"]["confusion"]
+
+
+def test_cli_train_evaluate_predict_end_to_end(tiny_folder, tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                str(tiny_recipe),
+                "--data",
+                str(tiny_folder),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "val_accuracy" in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--data", str(tiny_folder), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert (
+        m["n"] == 60 and 0 <= m["accuracy"] <= 1 and set(m["per_class"]) == {"cat", "dog", "ship"}
+    )
+    assert main(["evaluate", str(out), "--json", "--tta"]) == 0  # its own validation split
+    assert json.loads(capsys.readouterr().out)["n"] == 15
+    assert (
+        main(["predict", str(out / "best.pt"), str(tiny_folder / "cat"), "--json", "--top-k", "2"])
+        == 0
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 20 and all(len(r["top"]) == 2 for r in lines)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/no/such/dir"], "/no/such/dir"),
+        (["train", "--recipe", "nope", "--data", "x"], "unknown recipe"),
+        (["train", "--data", "x", "--set", "train.bogus=1"], "unknown recipe key"),
+        (["evaluate", "/no/such/run"], "not found"),
+        (["predict", "/no/such/ckpt.pt", "x.png"], "not found"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_class_mismatch_between_model_and_data_is_refused(
+    tiny_folder, tiny_recipe, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    cifarlab.train(tiny_recipe, tiny_folder, out, overrides={"train.epochs": 1}, progress=False)
+    other = tmp_path / "other"
+    (other / "cat").mkdir(parents=True)
+    (other / "plane").mkdir()
+    for name in ("cat", "plane"):
+        (other / name / "a.png").write_bytes((tiny_folder / "cat" / "000.png").read_bytes())
+    assert main(["evaluate", str(out), "--data", str(other)]) == 2
+    assert "class mismatch" in capsys.readouterr().err
