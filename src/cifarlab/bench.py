@@ -1,0 +1,227 @@
+"""Speed measurements: training/inference images per second, FLOPs, achieved GFLOP/s against the
+machine's measured matmul peak, data-path throughput, and time-to-accuracy curves.
+
+Every speed figure comes with a baseline measured in the same process (a plain eager PyTorch
+loop: fp32, contiguous tensors, no autocast), so results are also ratios."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifarlab import config
+from cifarlab.augment import AugmentConfig
+from cifarlab.data import ImageSet
+from cifarlab.loader import BatchLoader
+from cifarlab.models import build_model
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` on the CPU (or current GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_image(model: torch.nn.Module, input_size: int, train: bool) -> float:
+    """FLOPs of one image's forward (and backward when `train`), counted by PyTorch."""
+    x = torch.randn(2, 3, input_size, input_size)
+    model.train(train)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if train:
+            out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def _steps_per_second(step, steps: int, warmup: int) -> float:
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start)
+
+
+def train_speed(
+    model,
+    batch: int,
+    input_size: int,
+    bf16: bool,
+    channels_last: bool,
+    steps: int = 10,
+    warmup: int = 3,
+) -> float:
+    """Training images/s of one SGD step on random data (forward, backward, update)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch * _steps_per_second(step, steps, warmup)
+
+
+@torch.no_grad()
+def infer_speed(
+    model,
+    batch: int,
+    input_size: int,
+    bf16: bool,
+    channels_last: bool,
+    steps: int = 10,
+    warmup: int = 3,
+) -> float:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).eval()
+    x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(memory_format=fmt)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+
+    return batch * _steps_per_second(step, steps, warmup)
+
+
+def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10) -> dict:
+    """Speed of a recipe's model: cifarlab's settings (the recipe's precision, channels_last)
+    against the plain eager fp32 baseline, with FLOPs and achieved GFLOP/s."""
+    recipe = config.load_recipe(recipe_name)
+    model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
+    size = int(pre["input_size"])
+    batch = batch or int(recipe["train"]["batch_size"])
+    bf16 = recipe["precision"] == "bf16" or (
+        recipe["precision"] == "auto" and torch.cuda.is_available()
+    )
+    train_flops = flops_per_image(model, size, train=True)
+    infer_flops = flops_per_image(model, size, train=False)
+    base = {
+        "train": train_speed(model, batch, size, False, False, steps),
+        "infer": infer_speed(model, batch, size, False, False, steps),
+    }
+    ours = {
+        "train": train_speed(model, batch, size, bf16, True, steps),
+        "infer": infer_speed(model, batch, size, bf16, True, steps),
+    }
+    peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+    return {
+        "recipe": recipe_name,
+        "input_size": size,
+        "batch": batch,
+        "precision": "bf16" if bf16 else "fp32",
+        "train_gflops_per_image": train_flops / 1e9,
+        "infer_gflops_per_image": infer_flops / 1e9,
+        "train_images_per_s": ours["train"],
+        "infer_images_per_s": ours["infer"],
+        "baseline_train_images_per_s": base["train"],
+        "baseline_infer_images_per_s": base["infer"],
+        "train_speedup": ours["train"] / base["train"],
+        "infer_speedup": ours["infer"] / base["infer"],
+        "train_gflop_per_s": ours["train"] * train_flops / 1e9,
+        "matmul_peak_gflop_per_s": peak,
+        "train_fraction_of_peak": ours["train"] * train_flops / 1e9 / peak,
+    }
+
+
+def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
+    """Images/s the batch loader delivers with the recipe's augmentation, against the recipe
+    model's training images/s (the data path must stay far ahead)."""
+    recipe = config.load_recipe(recipe_name)
+    size = recipe["data"]["image_size"]
+    rng = np.random.default_rng(0)
+    data = ImageSet(
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        rng.integers(0, 10, n),
+        [str(i) for i in range(10)],
+    )
+    model, pre = build_model(recipe["model"], 10, size, pretrained=False)
+    loader = BatchLoader(
+        data,
+        int(recipe["train"]["batch_size"]),
+        torch.device("cpu"),
+        pre,
+        aug=AugmentConfig(**recipe["augment"]),
+        shuffle=True,
+        drop_last=True,
+    )
+    start = time.perf_counter()
+    served = sum(len(x) for e in range(epochs) for x, _ in loader.epoch(e))
+    data_rate = served / (time.perf_counter() - start)
+    bf16 = recipe["precision"] == "bf16"
+    model_rate = train_speed(
+        model, int(recipe["train"]["batch_size"]), int(pre["input_size"]), bf16, False
+    )
+    return {
+        "recipe": recipe_name,
+        "augment": recipe["augment"],
+        "data_images_per_s": data_rate,
+        "model_train_images_per_s": model_rate,
+        "ratio": data_rate / model_rate,
+    }
+
+
+def time_to_accuracy(run_dir: Path) -> list[dict]:
+    """(cumulative training seconds, val accuracy) per epoch of a run."""
+    with open(Path(run_dir) / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    elapsed, out = 0.0, []
+    for r in rows:
+        elapsed += float(r["seconds"])
+        out.append(
+            {
+                "seconds": elapsed,
+                "val_accuracy": float(r["val_accuracy"]),
+                "epoch": int(r["epoch"]),
+                "phase": r["phase"],
+            }
+        )
+    return out
+
+
+def plot_time_to_accuracy(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        ax.plot(
+            [p["seconds"] / 60 for p in points],
+            [p["val_accuracy"] for p in points],
+            marker=".",
+            label=name,
+        )
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,37 @@
+import torch
+
+from cifarlab.bench import flops_per_image, time_to_accuracy
+from cifarlab.models.fastnet import FastNet
+
+
+def test_whitening_layer_decorrelates_patches():
+    torch.manual_seed(0)
+    base = torch.randn(64, 3, 16, 16)
+    images = base + 0.8 * base[:, :1]  # strongly correlated channels
+    net = FastNet(10, widths=(8, 8, 8))
+    net.init_from_data(images)
+    out = torch.nn.functional.conv2d(images, net.whiten.weight[:12])
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.equal(net.whiten.weight[12:], -net.whiten.weight[:12])
+    assert not net.whiten.weight.requires_grad
+
+
+def test_forward_shape():
+    assert FastNet(7, widths=(8, 16, 16))(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_flop_count_of_a_linear_model():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10, bias=False))
+    assert flops_per_image(model, 4, train=False) == 2 * 48 * 10
+    assert flops_per_image(model, 4, train=True) == 3 * 2 * 48 * 10
+
+
+def test_time_to_accuracy_accumulates_seconds(tmp_path):
+    (tmp_path / "history.csv").write_text(
+        "phase,epoch,seconds,val_accuracy\ntrain,1,10.0,0.5\ntrain,2,12.5,0.7\n"
+    )
+    points = time_to_accuracy(tmp_path)
+    assert [p["seconds"] for p in points] == [10.0, 22.5]
+    assert [p["val_accuracy"] for p in points] == [0.5, 0.7]
