@@ -1,6 +1,11 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Tests train tiny models: one thread is as fast, and immune to a busy machine's other processes
+# (two processes each spinning two OpenMP threads on two cores slow small ops down 50-fold).
+torch.set_num_threads(1)
 
 CLASSES = ["cat", "dog", "ship"]
 COLORS = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]])
@@ -22,6 +27,8 @@ def cifarlab_home(tmp_path_factory, monkeypatch):
     """Keep caches and tracking out of the user's home and working directory."""
     home = tmp_path_factory.mktemp("cifarlab_home")
     monkeypatch.setenv("CIFARLAB_HOME", str(home))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the CLI subprocesses, as above
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
     return home
 
 

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -76,33 +75,26 @@ def test_resume_after_a_crash_mid_epoch_matches_a_clean_run(
 
 
 def test_kill_9_then_resume_matches_clean_run(tmp_path):
-    tiny_folder = make_folder(tmp_path / "data", per_class=150)
+    tiny_folder = make_folder(tmp_path / "data", per_class=100)
     recipe = tmp_path / "slow.yaml"
     recipe.write_text(
         "name: slow\nmodel: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
         "data: {val_fraction: 0.25}\naugment: {flip: true, translate: 2}\n"
-        "train: {epochs: 4, batch_size: 2, lr: 0.003}\n"
+        "train: {epochs: 4, batch_size: 4, lr: 0.003}\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "cifarlab",
-        "train",
-        "--recipe",
-        str(recipe),
-        "--data",
-        str(tiny_folder),
-        "--no-progress",
-    ]
+    cmd = [sys.executable, "-m", "cifarlab", "train", "--recipe", str(recipe)]
+    cmd += ["--data", str(tiny_folder), "--no-progress", "--no-track"]
     subprocess.run(cmd + ["--out", str(tmp_path / "clean")], check=True, capture_output=True)
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed/last.pt").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # into the second epoch
+    proc = subprocess.Popen(
+        cmd + ["--out", str(tmp_path / "killed")], stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stderr:  # the first epoch's summary: the run is now inside epoch 2
+        if line.startswith("train   1/4"):
+            break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed/metrics.json").exists(), "the run finished before the kill"
+    history = (tmp_path / "killed/history.csv").read_text().splitlines()
+    assert len(history) == 2 and not (tmp_path / "killed/metrics.json").exists()
     subprocess.run(
         [
             sys.executable,
@@ -112,6 +104,7 @@ def test_kill_9_then_resume_matches_clean_run(tmp_path):
             "--resume",
             str(tmp_path / "killed"),
             "--no-progress",
+            "--no-track",
         ],
         check=True,
         capture_output=True,
@@ -137,17 +130,19 @@ def test_cli_train_evaluate_predict_end_to_end(tiny_folder, tiny_recipe, tmp_pat
                 "--epochs",
                 "1",
                 "--no-progress",
+                "--no-track",
             ]
         )
         == 0
     )
     assert "val_accuracy" in capsys.readouterr().out
-    assert main(["evaluate", str(out), "--data", str(tiny_folder), "--json"]) == 0
+    assert main(["evaluate", str(out), "--data", str(tiny_folder), "--json", "--no-track"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert (
         m["n"] == 60 and 0 <= m["accuracy"] <= 1 and set(m["per_class"]) == {"cat", "dog", "ship"}
     )
-    assert main(["evaluate", str(out), "--json", "--tta"]) == 0  # its own validation split
+    # its own validation split
+    assert main(["evaluate", str(out), "--json", "--tta", "--no-track"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 15
     assert (
         main(["predict", str(out / "best.pt"), str(tiny_folder / "cat"), "--json", "--top-k", "2"])
@@ -167,10 +162,14 @@ def test_cli_train_evaluate_predict_end_to_end(tiny_folder, tiny_recipe, tmp_pat
         (["predict", "/no/such/ckpt.pt", "x.png"], "not found"),
     ],
 )
-def test_user_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
+def test_user_mistakes_are_one_line_errors_with_exit_2(
+    argv, message, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written: no run directory, no store
 
 
 def test_class_mismatch_between_model_and_data_is_refused(
@@ -183,5 +182,5 @@ def test_class_mismatch_between_model_and_data_is_refused(
     (other / "plane").mkdir()
     for name in ("cat", "plane"):
         (other / name / "a.png").write_bytes((tiny_folder / "cat" / "000.png").read_bytes())
-    assert main(["evaluate", str(out), "--data", str(other)]) == 2
+    assert main(["evaluate", str(out), "--data", str(other), "--no-track"]) == 2
     assert "class mismatch" in capsys.readouterr().err

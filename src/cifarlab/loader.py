@@ -39,6 +39,8 @@ class BatchLoader:
         self.input_size = int(preprocess["input_size"])
         self.mean = torch.tensor(preprocess["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1)
+        self.interpolation = preprocess.get("interpolation", "bilinear")
+        self.resize_steps = tuple(preprocess.get("resize_steps") or ())
 
     def __len__(self) -> int:
         n = len(range(self.rank, len(self.labels), self.world_size))
@@ -62,11 +64,31 @@ class BatchLoader:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Resize a [0, 1] batch to the model's input size and normalise it."""
-        return prepare(x, self.input_size, self.mean, self.std, self.channels_last)
+        return prepare(
+            x,
+            self.input_size,
+            self.mean,
+            self.std,
+            self.channels_last,
+            self.interpolation,
+            self.resize_steps,
+        )
 
 
-def prepare(x, input_size: int, mean, std, channels_last: bool = False) -> torch.Tensor:
-    if x.shape[-1] != input_size or x.shape[-2] != input_size:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+def prepare(
+    x,
+    input_size: int,
+    mean,
+    std,
+    channels_last: bool = False,
+    interpolation: str = "bilinear",
+    resize_steps: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """Resize through `resize_steps` (e.g. the seed's 32 -> 64 -> 224) to `input_size` with
+    `interpolation` (the pretrained weights' own mode), then normalise."""
+    corners = None if interpolation == "nearest" else False
+    for size in (*resize_steps, input_size):
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=corners)
     x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,4 +1,5 @@
-"""PNG plots of a run: learning curves and the confusion matrix."""
+"""PNG plots of a run: learning curves, confusion matrix, per-class accuracy, reliability diagram,
+mistakes grid; and several runs overlaid."""
 
 from __future__ import annotations
 
@@ -62,3 +63,93 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def class_accuracy(runs: dict[str, dict[str, float]], path: Path) -> None:
+    """Per-class accuracy bars; one colour per run when several are compared."""
+    classes = list(next(iter(runs.values())))
+    x = np.arange(len(classes))
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(classes) + 2), 4))
+    for i, (name, accuracy) in enumerate(runs.items()):
+        values = [accuracy.get(c, 0.0) for c in classes]
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=name)
+        if len(runs) == 1:
+            ax.bar_label(bars, [f"{v:.0%}" for v in values], fontsize=8)
+    ax.set_xticks(x, classes, rotation=45 if len(classes) > 6 else 0, ha="right")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("accuracy")
+    ax.set_title("per-class accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    if len(runs) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def reliability(
+    confidence: np.ndarray, accuracy: np.ndarray, counts: np.ndarray, ece: float, path: Path
+) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, and how many
+    predictions fall in each bin."""
+    bins = len(counts)
+    centers = (np.arange(bins) + 0.5) / bins
+    filled = counts > 0
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.bar(centers[filled], accuracy[filled], 1 / bins, edgecolor="black", label="accuracy")
+    ax.bar(
+        centers[filled],
+        confidence[filled] - accuracy[filled],
+        1 / bins,
+        bottom=accuracy[filled],
+        color="tab:red",
+        alpha=0.3,
+        label="gap to confidence",
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {ece:.4f})")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(centers, counts, 1 / bins, edgecolor="black", color="tab:gray")
+    hist.set_xlabel("confidence (top probability)")
+    hist.set_ylabel("predictions")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def mistakes(
+    images: np.ndarray,
+    true: list[str],
+    predicted: list[str],
+    confidence: np.ndarray,
+    path: Path,
+    columns: int = 8,
+) -> None:
+    """A grid of images titled with their true and (wrongly) predicted labels."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.95 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.0%}", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def overlay(histories: dict[str, list[dict]], path: Path) -> None:
+    """Validation accuracy and loss per epoch of several runs on shared axes."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("val_accuracy", "val_loss"), strict=True):
+        for name, history in histories.items():
+            ax.plot(np.arange(1, len(history) + 1), [r[key] for r in history], label=name)
+        ax.set_xlabel("epoch (all phases)")
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from cifarlab import checkpoint, config
+from cifarlab import budget, checkpoint, config, feature_cache
 from cifarlab.augment import AugmentConfig
 from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
 from cifarlab.errors import UserError
@@ -111,23 +111,38 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise UserError(f"unknown schedule {schedule!r}; use constant, cosine, linear or onecycle")
 
 
+def sample_batch(data: ImageSet, preprocess: dict, device: torch.device, n: int = 5000):
+    """Up to n training images, un-augmented and normalised, for data-dependent initialisation."""
+    loader = BatchLoader(data.subset(np.arange(min(n, len(data)))), n, device, preprocess)
+    return next(loader.epoch())[0]
+
+
 def epoch_seed(seed: int, phase: int, epoch: int) -> int:
     """Each epoch draws from its own seed, so a resumed run replays the same stream."""
     return seed * 1_000_003 + phase * 10_007 + epoch
 
 
-def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tracker=None) -> dict:
-    """Train the recipe into run directory `out` and return its metrics."""
+def fit(
+    recipe: dict,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    tracker=None,
+    budget_s: float | None = None,
+) -> dict:
+    """Train the recipe into run directory `out` and return its metrics. With `budget_s`, the
+    epochs are sized so that the whole call takes about that many seconds."""
+    started = time.perf_counter()
     tracker = tracker or NullTracker()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.dump(recipe))
     device = resolve_device(recipe["device"])
     bf16 = use_bf16(recipe["precision"], device)
     torch.manual_seed(recipe["seed"])
 
-    train_set, val_set, test_set = split_data(recipe)
+    train_set, val_set, test_set = split_data(recipe)  # bad data fails before anything is written
     classes = train_set.classes
     model, preprocess = build_model(recipe["model"], len(classes), recipe["data"]["image_size"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.dump(recipe))
     preprocess["image_size"] = recipe["data"]["image_size"]
     channels_last = device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -136,6 +151,10 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
         f"model: {recipe['model']['name']} {count_parameters(model) / 1e6:.2f}M params; "
         f"device: {device}{' bf16' if bf16 else ''}"
     )
+
+    init = getattr(model, "init_from_data", None)  # data-dependent initialisation, e.g. whitening
+    if init is not None and not resume:
+        init(sample_batch(train_set, preprocess, device))
 
     phase_list = config.phases(recipe)
     state = {"phase": 0, "epoch": 0, "best": -1.0, "stale": 0, "history": [], "done": False}
@@ -156,14 +175,25 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
     aug = AugmentConfig(**recipe["augment"])
     eval_kw = dict(device=device, preprocess=preprocess, channels_last=channels_last)
     val_loader = BatchLoader(val_set, 500, **eval_kw)
+
+    def train_loader_for(phase: dict) -> BatchLoader:
+        batch = int(phase["batch_size"])
+        return BatchLoader(
+            train_set, batch, aug=aug, shuffle=True, drop_last=len(train_set) > batch, **eval_kw
+        )
+
+    if budget_s is not None and not resume:
+        budget.plan(
+            recipe, phase_list, model, train_loader_for, val_loader, bf16, budget_s,
+            lambda: time.perf_counter() - started, log,
+        )  # fmt: skip
+        phase_list = config.phases(recipe)
+        (out / "config.yaml").write_text(config.dump(recipe))
     step = sum(1 for _ in state["history"])
     for p_i, phase in enumerate(phase_list):
         if p_i < state["phase"] or state["done"]:
             continue
-        batch = int(phase["batch_size"])
-        train_loader = BatchLoader(
-            train_set, batch, aug=aug, shuffle=True, drop_last=len(train_set) > batch, **eval_kw
-        )
+        train_loader = train_loader_for(phase)
         set_trainable = getattr(model, "set_trainable", None)
         if set_trainable is not None:
             set_trainable(phase["freeze"])
@@ -171,9 +201,27 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
             raise UserError(
                 f"freeze={phase['freeze']!r} needs a pretrained backbone (model.name: timm)"
             )
-        params = [p for p in model.parameters() if p.requires_grad]
+        param_groups = getattr(model, "param_groups", None)  # per-stage LR, scoped weight decay
+        if param_groups is not None:
+            params = param_groups(phase)
+        elif phase["layer_decay"] or phase["weight_decay_scope"] != "all":
+            raise UserError(
+                "layer_decay and weight_decay_scope need a pretrained backbone (model.name: timm)"
+            )
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, phase)
-        steps = int(phase["epochs"]) * len(train_loader)
+        cache = (  # a frozen backbone: its features once, then the head trains on them
+            feature_cache.FeatureCache(
+                model, train_set, val_set, aug, phase, recipe["seed"], bf16, **eval_kw
+            )
+            if feature_cache.applies(model, phase)
+            else None
+        )
+        batches, net = (cache, model.head) if cache else (train_loader, model)
+        pending_seconds = cache.seconds if cache else 0.0  # counted in the first epoch's time
+        steps = max(1, round(float(phase["epochs"]) * len(train_loader)))
+        epochs = math.ceil(steps / len(train_loader))  # a fractional last epoch stops early
         warmup = int(float(phase["warmup_epochs"]) * len(train_loader))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s, _t=steps, _w=warmup, _s=phase["schedule"]: lr_factor(s, _t, _w, _s)
@@ -190,7 +238,7 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
             sched.load_state_dict(saved["scheduler"])
             if ema is not None:
                 ema.load_state_dict(saved["ema"])
-        for epoch in range(state["epoch"], int(phase["epochs"])):
+        for epoch in range(state["epoch"], epochs):
             torch.manual_seed(epoch_seed(recipe["seed"], p_i, epoch))
             t0 = time.perf_counter()
             model.train()
@@ -198,17 +246,19 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
                 set_trainable(phase["freeze"])  # re-applies eval mode to frozen BatchNorm layers
             loss_sum = correct = seen = 0.0
             bar = tqdm(
-                train_loader.epoch(epoch_seed(recipe["seed"], p_i, epoch)),
-                total=len(train_loader),
-                desc=f"{phase['name']} {epoch + 1}/{phase['epochs']}",
+                batches.epoch(epoch_seed(recipe["seed"], p_i, epoch)),
+                total=len(batches),
+                desc=f"{phase['name']} {epoch + 1}/{epochs}",
                 leave=False,
                 disable=not progress,
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
-            for x, y in bar:
+            for i, (x, y) in enumerate(bar):
+                if epoch * len(train_loader) + i >= steps:
+                    break
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(x)
+                    logits = net(x)
                 loss = F.cross_entropy(
                     logits.float(), y, label_smoothing=float(phase["label_smoothing"])
                 )
@@ -228,9 +278,12 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
             bar.close()
             train_time = time.perf_counter() - t0
             scored = ema.module if ema is not None else model
-            val = metrics(
-                predict_probs(scored, val_loader, phase["eval_tta"], bf16), val_set.labels, classes
+            val_probs = (
+                cache.val_probs(scored, phase["eval_tta"], bf16)
+                if cache
+                else predict_probs(scored, val_loader, phase["eval_tta"], bf16)
             )
+            val = metrics(val_probs, val_set.labels, classes)
             row = {
                 "phase": phase["name"],
                 "epoch": epoch + 1,
@@ -240,11 +293,12 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
                 "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"],
                 "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - t0 + pending_seconds,
                 "train_images_per_s": seen / train_time,
             }
             state["history"].append(row)
             step += 1
+            pending_seconds = 0.0
             improved = val["accuracy"] > state["best"]
             if improved:
                 state["best"], state["stale"] = val["accuracy"], 0
@@ -259,9 +313,18 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
             else:
                 state["stale"] += 1
             stop = bool(phase["early_stopping"]) and state["stale"] >= int(phase["early_stopping"])
-            last = epoch + 1 == int(phase["epochs"]) or stop
+            last = epoch + 1 == epochs or stop
             state["epoch"] = 0 if last else epoch + 1
             state["phase"] = p_i + 1 if last else p_i
+            if last and len(phase_list) > 1:  # each phase's final model, e.g. for `compare`
+                checkpoint.save_model(
+                    out / f"phase{p_i + 1}.pt",
+                    scored,
+                    recipe["model"],
+                    classes,
+                    preprocess,
+                    {"val_accuracy": val["accuracy"], "phase": phase["name"], "epoch": epoch + 1},
+                )
             checkpoint.atomic_save(
                 {
                     "model": model.state_dict(),
@@ -276,7 +339,7 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
             write_history(out / "history.csv", state["history"])
             tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step)
             log(
-                f"{phase['name']} {epoch + 1:>3}/{phase['epochs']}  loss {row['train_loss']:.4f}  "
+                f"{phase['name']} {epoch + 1:>3}/{epochs}  loss {row['train_loss']:.4f}  "
                 f"acc {row['train_accuracy']:.4f}  val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.4f}  "
                 f"{row['seconds']:.1f}s  {row['train_images_per_s']:.0f} img/s{'  *' if improved else ''}"
             )
@@ -292,8 +355,9 @@ def fit(recipe: dict, out: Path, resume: bool = False, progress: bool = True, tr
 def finish(
     recipe, out: Path, model, train_set, val_set, test_set, state, tracker, progress
 ) -> dict:
-    """Score the best checkpoint on val (and test) and write metrics.json and the plots."""
-    from cifarlab import plots
+    """Score the best checkpoint on val (and test) and write metrics.json, the plots and
+    report.html."""
+    from cifarlab import plots, report
 
     best, info = checkpoint.load_model(out / "best.pt")
     device = next(model.parameters()).device
@@ -315,11 +379,13 @@ def finish(
         if data is not None and len(data):
             probs = predict_probs(best, BatchLoader(data, 500, **kw), tta, bf16)
             result[name] = metrics(probs, data.labels, data.classes)
+            result[name]["ece"] = report.expected_calibration_error(probs, data.labels)
             np.save(out / f"{name}_probs.npy", probs)
     write_json(out / "metrics.json", result)
     plots.curves(state["history"], out / "curves.png")
     scored = result.get("test") or result["val"]
     plots.confusion(np.array(scored["confusion"]), scored["classes"], out / "confusion.png")
+    report.run_report(out, val_set)
     tracker.finish(result, out)
     return result
 

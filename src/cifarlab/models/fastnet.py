@@ -5,7 +5,8 @@ published CIFAR-10 trainings (Page's Myrtle ResNet, hlb-CIFAR10, Jordan's airben
   covariance of the training images, and their negatives), so the net starts from decorrelated input;
 - three blocks of conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU, widths growing fast;
 - BatchNorm without a learned scale, with a high momentum suited to short training;
-- global max pooling and a linear classifier with a small output scale.
+- global max pooling and a linear classifier with a small output scale;
+- a much larger learning rate for the BN biases than for the filters (`bias_lr_scale`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FastNet(nn.Module):
         whiten_width: int = 24,
         whiten_kernel: int = 2,
         scale: float = 1 / 9,
+        bias_lr_scale: float = 64.0,
     ):
         super().__init__()
         self.whiten = nn.Conv2d(3, whiten_width, whiten_kernel, padding=0, bias=True)
@@ -57,6 +59,7 @@ class FastNet(nn.Module):
         )
         self.classifier = nn.Linear(widths[2], num_classes, bias=False)
         self.scale = scale
+        self.bias_lr_scale = bias_lr_scale
         for m in self.blocks.modules():
             if isinstance(m, nn.Conv2d):  # the first in_channels filters start as identity maps
                 with torch.no_grad():
@@ -76,6 +79,20 @@ class FastNet(nn.Module):
         filters = filters.flip(0)[:half].float()  # the strongest directions first
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
+
+    def param_groups(self, phase: dict) -> list[dict]:
+        """Filters at the phase's LR; biases at bias_lr_scale times it, with weight decay scaled
+        down by the same factor (so every parameter decays at the same rate per step)."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        scale = self.bias_lr_scale
+        return [
+            {"params": [p for p in trainable if p.ndim > 1]},
+            {
+                "params": [p for p in trainable if p.ndim == 1],
+                "lr": float(phase["lr"]) * scale,
+                "weight_decay": float(phase["weight_decay"]) / scale,
+            },
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))

@@ -1,0 +1,359 @@
+"""`cifarlab compare`: the seed's comparison table, reproduced and extended.
+
+Rows: the seed's three (Custom CNN; ResNet50 after training; ResNet50 after fine-tuning, the last
+two from one `seed-resnet50` run) plus any recipes asked for, one row per phase of a multi-phase
+recipe (scored with the phase's final model, `phaseN.pt`) and one per single-phase recipe (its
+`best.pt`). Every row is a normal run directory under the output folder; the table is written as
+compare.md, compare.csv and compare.json beside them after each recipe. A recipe that cannot run
+(e.g. no pretrained weights offline) becomes rows with status "not run" and the reason. Running
+the same command again with the same --out reuses finished runs and resumes killed ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifarlab import config
+from cifarlab.errors import UserError
+
+SEED_RECIPES = ("seed-cnn", "seed-resnet50")
+#: The seed notebook's published test accuracies (GPU, ImageNet weights for ResNet50).
+SEED_FIGURES = {
+    ("seed-cnn", "train"): 0.7560,
+    ("seed-resnet50", "training"): 0.8614,
+    ("seed-resnet50", "fine-tuning"): 0.8681,
+}
+MODEL_LABELS = {"seed_cnn": "Custom CNN", "fastnet": "FastNet"}
+THROUGHPUT_BATCH = 64  # images per inference call when measuring images/s
+THROUGHPUT_SECONDS = 2.0  # measure for at least this long (after one warm-up batch)
+COLUMNS = (
+    "model",
+    "recipe",
+    "phase",
+    "accuracy",
+    "loss",
+    "seed_accuracy",
+    "parameters",
+    "train_seconds",
+    "images_per_s",
+    "device",
+    "status",
+    "reason",
+    "run_dir",
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def compare(
+    data: str | Path,
+    test: str | Path | None = None,
+    recipes: list[str] | None = None,
+    out: str | Path | None = None,
+    pretrained_source: str | None = None,
+    weights: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    tracker=None,
+    throughput_seconds: float | None = None,
+) -> dict:
+    """Train (or reuse) each recipe into `out`/<recipe> and tabulate them; returns the table as
+    {"split", "rows", "out", ...}. `pretrained_source`/`weights` apply to the pretrained (timm)
+    recipes; `overrides` (e.g. {"train.epochs": 1}) to all of them."""
+    from cifarlab.data import load_images
+    from cifarlab.models.pretrained import SOURCES
+
+    if pretrained_source is not None and pretrained_source not in SOURCES:
+        raise UserError(
+            f"unknown --pretrained-source {pretrained_source!r}; use one of {', '.join(SOURCES)}"
+        )
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file; pass a state dict or .safetensors")
+    names = list(SEED_RECIPES) + [r for r in recipes or [] if r not in SEED_RECIPES]
+    out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    plans = [plan(name, data, test, overrides, pretrained_source, weights, out) for name in names]
+    load_images(data)  # a bad --data is the user's mistake, not a row that "cannot run"
+    split = "test" if test else "val"
+    seconds = THROUGHPUT_SECONDS if throughput_seconds is None else throughput_seconds
+    table: dict[str, Any] = {
+        "split": split,
+        "data": str(data),
+        "test": str(test) if test else None,
+        "out": str(out),
+        "rows": [],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if tracker is not None:
+        tracker.start_parent(f"compare {out.name}", {"data": str(data), "recipes": names})
+    try:
+        for p in plans:
+            table["rows"] += run_rows(p, test, progress, tracker, seconds)
+            write_table(table, out)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        for suffix in ("md", "csv", "json"):
+            tracker.log_artifact(out / f"compare.{suffix}")
+        tracker.end("FINISHED")
+    return table
+
+
+def plan(name, data, test, overrides, pretrained_source, weights, out: Path) -> dict:
+    """The resolved recipe of one row group and its run directory; checks a reused directory."""
+    base = config.load_recipe(name, overrides)
+    extra = dict(overrides or {})
+    if base["model"]["name"] == "timm":
+        if pretrained_source is not None:
+            extra["model.pretrained_source"] = pretrained_source
+        if weights is not None:
+            extra["model.weights"] = str(weights)
+    extra["data.source"] = str(data)
+    if test is not None:
+        extra["data.test"] = str(test)
+    recipe = config.load_recipe(name, extra)
+    run_dir = out / recipe["name"]
+    if (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file():
+        if config.load_run(run_dir) != recipe:
+            raise UserError(
+                f"{run_dir} holds a run of {recipe['name']} with other settings; "
+                "pass another --out (or remove that run directory)"
+            )
+    return {"name": name, "recipe": recipe, "overrides": extra, "run_dir": run_dir}
+
+
+def run_rows(p: dict, test, progress: bool, tracker, throughput_seconds: float) -> list[dict]:
+    """Train one recipe (or reuse / resume its run) and return its rows."""
+    from cifarlab import api
+
+    recipe, run_dir = p["recipe"], p["run_dir"]
+    child = tracker.child() if tracker is not None else None
+    status = "FAILED"
+    try:
+        if (run_dir / "metrics.json").is_file():
+            log(f"compare: {recipe['name']}: reusing the finished run {run_dir}")
+        elif (run_dir / "last.pt").is_file():
+            api.train(resume=run_dir, progress=progress, tracker=child)
+        else:
+            api.train(
+                p["name"], None, run_dir, None, p["overrides"], progress=progress, tracker=child
+            )
+        rows = scored_rows(recipe, run_dir, test, throughput_seconds)
+        status = "FINISHED"
+        return rows
+    except UserError as e:
+        return failed_rows(recipe, run_dir, "not run", str(e))
+    except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+        return failed_rows(recipe, run_dir, "failed", f"{type(e).__name__}: {e}")
+    finally:
+        if child is not None and hasattr(child, "end"):
+            child.end(status)
+
+
+def failed_rows(recipe: dict, run_dir: Path, status: str, reason: str) -> list[dict]:
+    log(f"compare: {recipe['name']}: {status}: {reason}")
+    return [
+        row(recipe, phase["name"], run_dir, status=status, reason=reason)
+        for phase in config.phases(recipe)
+    ]
+
+
+def row(recipe: dict, phase: str, run_dir: Path, **values) -> dict:
+    model = recipe["model"]
+    label = model.get("arch") if model["name"] == "timm" else MODEL_LABELS.get(model["name"])
+    base = dict.fromkeys(COLUMNS)
+    base.update(
+        model=label or model["name"],
+        recipe=recipe["name"],
+        phase=phase,
+        seed_accuracy=SEED_FIGURES.get((recipe["name"], phase)),
+        status="ok",
+        reason="",
+        run_dir=str(run_dir),
+    )
+    base.update(values)
+    return base
+
+
+def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) -> list[dict]:
+    """Score each row's checkpoint on the test set (or the run's validation split)."""
+    from cifarlab.inference import Predictor
+    from cifarlab.training import resolve_device
+
+    phases = config.phases(recipe)
+    if len(phases) == 1:
+        checkpoints = [(phases[0]["name"], run_dir / "best.pt")]
+    else:
+        checkpoints = [(ph["name"], run_dir / f"phase{i + 1}.pt") for i, ph in enumerate(phases)]
+    seconds = cumulative_seconds(run_dir / "history.csv")
+    device = resolve_device(recipe["device"])
+    images = labels = None
+    rows = []
+    for phase, path in checkpoints:
+        if not path.is_file():
+            rows.append(row(recipe, phase, run_dir, status="not run", reason=f"no {path.name}"))
+            continue
+        predictor = Predictor.from_checkpoint(path, str(device))
+        if images is None:
+            images, labels = eval_set(recipe, test, predictor)
+        m = score(predictor, images, labels)
+        rows.append(
+            row(
+                recipe,
+                phase,
+                run_dir,
+                accuracy=m["accuracy"],
+                loss=m["loss"],
+                parameters=sum(p.numel() for p in predictor.model.parameters()),
+                train_seconds=seconds.get(phase),
+                images_per_s=throughput(predictor, images, throughput_seconds),
+                device=device_name(device),
+            )
+        )
+    return rows
+
+
+def eval_set(recipe: dict, test, predictor) -> tuple[np.ndarray, np.ndarray]:
+    from cifarlab.data import load_images
+    from cifarlab.training import align_classes, split_data
+
+    if test:
+        data = load_images(test, image_size=predictor.image_size, split="test")
+    else:
+        data = split_data(recipe)[1]
+    data = align_classes(data, predictor.classes)
+    return data.images, data.labels
+
+
+def score(predictor, images: np.ndarray, labels: np.ndarray) -> dict:
+    from cifarlab.metrics import metrics
+
+    return metrics(predictor.probs(images), labels, predictor.classes)
+
+
+def throughput(predictor, images: np.ndarray, seconds: float) -> float:
+    """Images/s of `predictor.probs` on a fixed batch (uint8 in, probabilities out)."""
+    batch = images[np.arange(THROUGHPUT_BATCH) % len(images)]
+    predictor.probs(batch, batch_size=THROUGHPUT_BATCH)  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while done < 2 * THROUGHPUT_BATCH or time.perf_counter() - t0 < seconds:
+        predictor.probs(batch, batch_size=THROUGHPUT_BATCH)
+        done += THROUGHPUT_BATCH
+    return done / (time.perf_counter() - t0)
+
+
+def cumulative_seconds(history: Path) -> dict[str, float]:
+    """Phase name -> training seconds from the start of the run to the end of that phase."""
+    total, out = 0.0, {}
+    if history.is_file():
+        with open(history, newline="") as f:
+            for r in csv.DictReader(f):
+                total += float(r["seconds"])
+                out[r["phase"]] = total
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_table(table: dict, out: Path) -> None:
+    _atomic_write(out / "compare.json", json.dumps(table, indent=2))
+    _atomic_write(out / "compare.csv", to_csv(table["rows"]))
+    _atomic_write(out / "compare.md", to_markdown(table))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def to_markdown(table: dict) -> str:
+    split = table["split"]
+    head = (
+        f"| model | recipe | phase | {split} accuracy | {split} loss | seed's figure | parameters "
+        "| training time | inference images/s | device | status |"
+    )
+    lines = [head, "|" + " --- |" * 11]
+    for r in table["rows"]:
+        ok = r["status"] == "ok"
+        status = "ok" if ok else f"{r['status']}: {_one_line(r['reason'])}"
+        cells = [
+            r["model"],
+            r["recipe"],
+            r["phase"],
+            _pct(r["accuracy"]),
+            f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+            _pct(r["seed_accuracy"]),
+            f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "-",
+            _duration(r["train_seconds"]),
+            f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-",
+            r["device"] or "-",
+            status,
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    where = (
+        f"the test set {table['test']}"
+        if split == "test"
+        else f"the held-out validation split of {table['data']} (data.val_fraction, fixed seed)"
+    )
+    note = (
+        f"\nAccuracy and loss on {where}. Training time is cumulative up to the end of the "
+        f"phase. Inference: eager PyTorch, batches of {THROUGHPUT_BATCH} uint8 images, "
+        "preprocessing included. The seed's figures are its published test accuracies "
+        "(GPU, ImageNet weights).\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.2f}%" if x is not None else "-"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "/")

@@ -1,0 +1,122 @@
+"""Frozen-backbone phases train the head on cached features.
+
+While the backbone is frozen and in eval mode (freeze policy `head`), its output for an image
+never changes, so running it every epoch repeats the same work. `FeatureCache` runs it once over
+the training images (`feature_views` views: view 0 the image itself, the others augmented with
+the recipe's per-image augmentations) and the validation images, then serves epochs of
+(features, targets) batches the way `BatchLoader` serves images; the training loop calls
+`model.head` on them. MixUp/CutMix mix images across a batch and are not applied to cached views.
+The cache lives in memory; a resumed run recomputes it (the same features: the backbone is fixed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cifarlab.augment import AugmentConfig
+from cifarlab.data import ImageSet
+from cifarlab.errors import UserError
+from cifarlab.loader import BatchLoader
+
+EXTRACT_BATCH = 128  # images per backbone pass while filling the cache
+VIEW_SEED = 7_919  # augmented view v of a run with seed s draws from seed s * VIEW_SEED + v
+
+
+def applies(model: torch.nn.Module, phase: dict) -> bool:
+    """A phase trains on cached features when only the head trains and the cache is on."""
+    return phase["freeze"] == "head" and bool(phase["feature_cache"]) and hasattr(model, "features")
+
+
+class FeatureCache:
+    """Backbone features of a phase's training views and validation images, computed once."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_set: ImageSet,
+        val_set: ImageSet,
+        aug: AugmentConfig,
+        phase: dict,
+        seed: int,
+        bf16: bool,
+        device: torch.device,
+        preprocess: dict,
+        channels_last: bool = False,
+    ):
+        views = int(phase["feature_views"])
+        if views < 1:
+            raise UserError(f"feature_views must be 1 or more, got {views}")
+        t0 = time.perf_counter()
+        kw = dict(device=device, preprocess=preprocess, channels_last=channels_last)
+        per_image = dataclasses.replace(aug, mixup=0.0, cutmix=0.0)
+        model.eval()
+        self.train = torch.stack(
+            [
+                _extract(
+                    model,
+                    BatchLoader(train_set, EXTRACT_BATCH, aug=per_image if v else None, **kw),
+                    seed * VIEW_SEED + v,
+                    bf16,
+                )
+                for v in range(views)
+            ]
+        )  # (views, N, features)
+        val_loader = BatchLoader(val_set, EXTRACT_BATCH, **kw)
+        self.val = _extract(model, val_loader, 0, bf16)
+        self.val_flipped = (
+            _extract(model, val_loader, 0, bf16, flip=True) if phase["eval_tta"] else None
+        )
+        labels = torch.from_numpy(train_set.labels).long().to(device)
+        self.targets = F.one_hot(labels, len(train_set.classes)).float()
+        self.batch_size = int(phase["batch_size"])
+        self.drop_last = len(train_set) > self.batch_size
+        self.device = device
+        self.seconds = time.perf_counter() - t0
+        print(
+            f"feature cache: {views} view(s) of {len(train_set)} train + {len(val_set)} val "
+            f"images through the frozen backbone in {self.seconds:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __len__(self) -> int:
+        n = self.train.shape[1]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (features, soft targets) in a shuffled order; each image from a random view."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        views, n, _ = self.train.shape
+        order = torch.randperm(n, generator=g, device=self.device)
+        view = torch.randint(0, views, (n,), generator=g, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.train[view[idx], idx], self.targets[idx]
+
+    @torch.no_grad()
+    def val_probs(self, model: torch.nn.Module, tta: bool = False, bf16: bool = False):
+        """Softmax probabilities of `model.head` on the validation features (as predict_probs)."""
+        head = model.head.eval()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            p = F.softmax(head(self.val).float(), dim=1)
+            if tta and self.val_flipped is not None:
+                p = (p + F.softmax(head(self.val_flipped).float(), dim=1)) / 2
+        return p.float().cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def _extract(
+    model: torch.nn.Module, loader: BatchLoader, seed: int, bf16: bool, flip: bool = False
+) -> torch.Tensor:
+    out = []
+    for x, _ in loader.epoch(seed):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model.features(x.flip(3) if flip else x).float())
+    return torch.cat(out)

@@ -1,0 +1,365 @@
+"""HTML reports: one self-contained page per run (`report.html` in its directory) and one page
+comparing several runs. Plots are embedded as base64 PNGs: no external resources, no scripts."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from cifarlab import __version__, config, plots
+from cifarlab.data import ImageSet
+from cifarlab.errors import UserError
+
+BINS = 10  # reliability diagram / ECE bins
+MISTAKES = 32  # images in the grid of most confident mistakes
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222;
+       padding: 0 1em; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em;
+       margin-top: 1.6em; }
+.sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f4f4f4; }
+tr.best td { font-weight: bold; background: #eef7ee; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.row { display: flex; flex-wrap: wrap; gap: 0 2em; align-items: flex-start; }
+.row > section { flex: 1 1 420px; min-width: 0; }
+.row figure { margin: 0; } figcaption { color: #666; font-size: 0.9em; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+#recipe pre { column-count: 2; column-gap: 2em; }
+.note { color: #a15c00; }
+"""
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> dict:
+    """Confidence (top probability) against accuracy in `bins` equal-width bins (lo, hi].
+    `ece` is the expected calibration error: sum over bins of share * |accuracy - confidence|."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(float)
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    counts = np.bincount(idx, minlength=bins)
+    seen = np.maximum(counts, 1)
+    confidence = np.bincount(idx, weights=conf, minlength=bins) / seen
+    accuracy = np.bincount(idx, weights=correct, minlength=bins) / seen
+    ece = float(np.sum(counts * np.abs(accuracy - confidence)) / max(len(labels), 1))
+    return {"confidence": confidence, "accuracy": accuracy, "counts": counts, "ece": ece}
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
+    return calibration(probs, labels, bins)["ece"]
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """metrics.json, history.csv and config.yaml of a finished run."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} has no metrics.json; pass the directory of a finished training run"
+        )
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); retrain or restore the file") from None
+    recipe_text = (
+        (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    )
+    recipe = config.read_yaml(recipe_text, str(run_dir / "config.yaml")) if recipe_text else {}
+    return {
+        "dir": run_dir,
+        "name": run_dir.absolute().name,
+        "metrics": metrics,
+        "history": read_history(run_dir / "history.csv"),
+        "recipe": recipe,
+        "recipe_text": recipe_text,
+    }
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {k: v if k == "phase" else float(v) for k, v in r.items()} for r in csv.DictReader(f)
+        ]
+
+
+def validation_set(run_dir: Path, n: int) -> tuple[ImageSet | None, str]:
+    """The run's validation images, recomputed from its recipe (or None and why not)."""
+    from cifarlab.training import split_data
+
+    try:
+        recipe = config.load_run(run_dir)
+        recipe["data"]["test"] = None  # only the validation split is needed
+        _, val, _ = split_data(recipe)
+    except (UserError, OSError) as e:
+        return None, f"the validation images could not be loaded ({e})"
+    if len(val) != n:
+        return None, f"the data now gives {len(val)} validation images, the run scored {n}"
+    return val, ""
+
+
+def run_report(
+    run_dir: str | Path, val_set: ImageSet | None = None, out: str | Path | None = None
+) -> Path:
+    """Write the report of one run (default RUN_DIR/report.html) and return its path.
+    `val_set` saves re-decoding the data when the caller has the validation split at hand."""
+    run = read_run(run_dir)
+    run_dir, m = Path(run_dir), run["metrics"]
+    val = m.get("val")
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp)
+        figures: dict[str, str] = {}
+        if run["history"]:
+            plots.curves(run["history"], png / "curves.png")
+            figures["curves"] = embed(png / "curves.png", "loss and accuracy per epoch")
+        if val:
+            plots.confusion(np.array(val["confusion"]), val["classes"], png / "confusion.png")
+            figures["confusion"] = embed(png / "confusion.png", "confusion matrix")
+            per_class = {c: v["accuracy"] for c, v in val["per_class"].items()}
+            plots.class_accuracy({run["name"]: per_class}, png / "classes.png")
+            figures["classes"] = embed(png / "classes.png", "per-class accuracy")
+        probs_path = run_dir / "val_probs.npy"
+        cal = None
+        if val and probs_path.is_file():
+            probs = np.load(probs_path)
+            if val_set is None:
+                val_set, why = validation_set(run_dir, len(probs))
+                if why:
+                    notes.append(why)
+            if val_set is not None:
+                cal = calibration(probs, val_set.labels)
+                plots.reliability(
+                    cal["confidence"], cal["accuracy"], cal["counts"], cal["ece"], png / "cal.png"
+                )
+                figures["calibration"] = embed(png / "cal.png", "reliability diagram")
+                worst = most_confident_mistakes(probs, val_set.labels)
+                if len(worst):
+                    classes = val["classes"]
+                    plots.mistakes(
+                        val_set.images[worst],
+                        [classes[i] for i in val_set.labels[worst]],
+                        [classes[i] for i in probs[worst].argmax(1)],
+                        probs[worst].max(1),
+                        png / "mistakes.png",
+                    )
+                    figures["mistakes"] = embed(png / "mistakes.png", "most confident mistakes")
+        elif val:
+            notes.append("val_probs.npy is missing: no calibration or mistakes")
+    body = [
+        f"<h1>{esc(run['name'])}</h1>",
+        f'<p class="sub">cifarlab run report · {esc(run_dir.absolute())} · '
+        f"generated {datetime.now():%Y-%m-%d %H:%M} by cifarlab {__version__}</p>",
+        *(f'<p class="note">{esc(n)}</p>' for n in notes),
+        section("summary", "Summary", summary_table(run, cal)),
+        section(
+            "curves",
+            "Learning curves",
+            figures.get("curves", "<p>no history.csv</p>") + phase_table(m.get("phases", [])),
+        ),
+        '<div class="row">',
+        section("confusion", "Confusion matrix (validation split)", figures.get("confusion", "")),
+        section(
+            "calibration",
+            "Calibration (validation split)",
+            (
+                f"<p>Expected calibration error ({BINS} bins): <b>{cal['ece']:.4f}</b></p>"
+                + figures["calibration"]
+                if cal
+                else "<p>not available</p>"
+            ),
+        ),
+        "</div>",
+        section(
+            "per-class",
+            "Per-class accuracy (validation split)",
+            figures.get("classes", "") + class_table(val),
+        ),
+        section(
+            "mistakes",
+            f"Most confident mistakes (top {MISTAKES}, validation split)",
+            figures.get("mistakes", "<p>none to show</p>"),
+        ),
+        section("recipe", "Resolved recipe", f"<pre>{esc(run['recipe_text'])}</pre>"),
+    ]
+    return write_page(Path(out) if out else run_dir / "report.html", run["name"], body)
+
+
+def comparison_report(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Write one page comparing several runs: a table and overlaid validation curves."""
+    runs = [read_run(d) for d in run_dirs]
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{r['name']} ({i + 1})"
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp)
+        figures = []
+        histories = {r["name"]: r["history"] for r in runs if r["history"]}
+        if histories:
+            plots.overlay(histories, png / "overlay.png")
+            figures.append(embed(png / "overlay.png", "validation curves of all runs"))
+        per_class = {
+            r["name"]: {c: v["accuracy"] for c, v in r["metrics"]["val"]["per_class"].items()}
+            for r in runs
+            if "val" in r["metrics"]
+        }
+        if per_class and len({tuple(v) for v in per_class.values()}) == 1:
+            plots.class_accuracy(per_class, png / "classes.png")
+            figures.append(embed(png / "classes.png", "per-class accuracy of all runs"))
+        confusions = []
+        for i, r in enumerate(runs):
+            if "val" in r["metrics"]:
+                v = r["metrics"]["val"]
+                plots.confusion(np.array(v["confusion"]), v["classes"], png / f"c{i}.png")
+                confusions.append(
+                    f"<figure>{embed(png / f'c{i}.png', r['name'], 520)}"
+                    f"<figcaption>{esc(r['name'])}</figcaption></figure>"
+                )
+    body = [
+        f"<h1>Comparison of {len(runs)} runs</h1>",
+        f'<p class="sub">generated {datetime.now():%Y-%m-%d %H:%M} by cifarlab {__version__}</p>',
+        section("comparison", "Runs", comparison_table(runs)),
+        section("curves", "Validation curves and per-class accuracy", "".join(figures)),
+        section(
+            "confusion",
+            "Confusion matrices (validation split)",
+            f'<div class="row">{"".join(confusions)}</div>',
+        ),
+    ]
+    return write_page(Path(out), f"comparison of {len(runs)} runs", body)
+
+
+def most_confident_mistakes(probs: np.ndarray, labels: np.ndarray, n: int = MISTAKES):
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    return wrong[np.argsort(-probs[wrong].max(1), kind="stable")][:n]
+
+
+def summary_table(run: dict, cal: dict | None) -> str:
+    m = run["metrics"]
+    rows = [("recipe", m.get("recipe", "")), ("model", model_name(run))]
+    for split in ("val", "test"):
+        if split in m:
+            rows += [
+                (f"{split} accuracy", f"{m[split]['accuracy']:.4f}"),
+                (f"{split} loss", f"{m[split]['loss']:.4f}"),
+                (f"{split} images", m[split]["n"]),
+            ]
+    if cal:
+        rows.append(("val expected calibration error", f"{cal['ece']:.4f}"))
+    best = m.get("best", {})
+    if best:
+        rows.append(("best epoch", f"{best.get('phase', '')} {best.get('epoch', '')}"))
+    rows += [
+        ("parameters", f"{m.get('parameters', 0) / 1e6:.2f}M"),
+        ("train images", m.get("n_train", "")),
+        ("train time", f"{m.get('train_seconds', 0):.0f} s"),
+        ("device", m.get("device", "")),
+    ]
+    return table(["", "value"], rows)
+
+
+def phase_table(phases: list[dict]) -> str:
+    if not phases:
+        return ""
+    rows = [
+        (p["phase"], p["epochs"], f"{p['val_accuracy']:.4f}", f"{p['val_loss']:.4f}")
+        for p in phases
+    ]
+    return "<p>End of each phase:</p>" + table(
+        ["phase", "epochs", "val accuracy", "val loss"], rows
+    )
+
+
+def class_table(val: dict | None) -> str:
+    if not val:
+        return ""
+    rows = [
+        (name, f"{c['accuracy']:.4f}", f"{c['precision']:.4f}", f"{c['recall']:.4f}", c["support"])
+        for name, c in val["per_class"].items()
+    ]
+    return table(["class", "accuracy", "precision", "recall", "images"], rows)
+
+
+def comparison_table(runs: list[dict]) -> str:
+    header = ["run", "recipe", "model", "parameters", "epochs", "train time", "val accuracy"]
+    header += ["val loss", "val ECE", "test accuracy", "directory"]
+    best = max((r["metrics"].get("val", {}).get("accuracy", -1) for r in runs), default=-1)
+    lines = []
+    for r in runs:
+        m = r["metrics"]
+        val, test = m.get("val", {}), m.get("test", {})
+        cells = [
+            r["name"],
+            m.get("recipe", ""),
+            model_name(r),
+            f"{m.get('parameters', 0) / 1e6:.2f}M",
+            len(r["history"]),
+            f"{m.get('train_seconds', 0):.0f} s",
+            fmt(val.get("accuracy")),
+            fmt(val.get("loss")),
+            fmt(val.get("ece")),
+            fmt(test.get("accuracy")),
+            str(r["dir"].absolute()),
+        ]
+        row = "".join(f"<td>{esc(c)}</td>" for c in cells)
+        css = ' class="best"' if val.get("accuracy") == best else ""
+        lines.append(f"<tr{css}>{row}</tr>")
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+
+
+def model_name(run: dict) -> str:
+    model = run["recipe"].get("model", {})
+    return str(model.get("arch", model.get("name", "")))
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table(header: list[str], rows) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def embed(path: Path, alt: str, width: int | None = None) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    size = f' width="{width}"' if width else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}"{size}>'
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def write_page(path: Path, title: str, body: list[str]) -> Path:
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; create it")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)} - cifarlab report</title><style>{CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
