@@ -19,6 +19,7 @@ Writes bench/results/feature_cache.json.
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def main() -> None:
             f"validation split {args.val_fraction} (seed 0)",
             "epochs": args.epochs,
             "input_size": args.input_size,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "phase": phase1,
             "runs": results,
             "vs_no_cache": ratios,

@@ -36,3 +36,16 @@ def test_time_to_accuracy_accumulates_seconds(tmp_path):
     points = time_to_accuracy(tmp_path)
     assert [p["seconds"] for p in points] == [10.0, 22.5]
     assert [p["val_accuracy"] for p in points] == [0.5, 0.7]
+
+
+def test_bench_curve_cli_writes_json_and_plot(tmp_path, capsys):
+    from cifarlab.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.csv").write_text("phase,epoch,seconds,val_accuracy\ntrain,1,60.0,0.5\n")
+    assert main(["bench", "curve", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out/time_to_accuracy.png").stat().st_size > 1000
+    assert '"val_accuracy": 0.5' in (tmp_path / "out/bench-curve.json").read_text()
+    assert main(["bench", "curve", "--out", str(tmp_path / "out")]) == 2
+    assert "needs run directories" in capsys.readouterr().err

@@ -60,51 +60,32 @@ def _steps_per_second(step, steps: int, warmup: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def train_speed(
+def speed(
     model,
     batch: int,
     input_size: int,
     bf16: bool,
     channels_last: bool,
+    train: bool,
     steps: int = 10,
     warmup: int = 3,
 ) -> float:
-    """Training images/s of one SGD step on random data (forward, backward, update)."""
+    """Images/s of training steps (forward, backward, SGD update) or of inference, on random data."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).train()
+    model = model.to(device, memory_format=fmt).train(train)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return batch * _steps_per_second(step, steps, warmup)
-
-
-@torch.no_grad()
-def infer_speed(
-    model,
-    batch: int,
-    input_size: int,
-    bf16: bool,
-    channels_last: bool,
-    steps: int = 10,
-    warmup: int = 3,
-) -> float:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).eval()
-    x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(memory_format=fmt)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            model(x)
+        with torch.set_grad_enabled(train), torch.autocast(device, torch.bfloat16, enabled=bf16):
+            out = model(x)
+        if train:
+            loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     return batch * _steps_per_second(step, steps, warmup)
 
@@ -122,12 +103,10 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10) -> 
     train_flops = flops_per_image(model, size, train=True)
     infer_flops = flops_per_image(model, size, train=False)
     base = {
-        "train": train_speed(model, batch, size, False, False, steps),
-        "infer": infer_speed(model, batch, size, False, False, steps),
+        k: speed(model, batch, size, False, False, k == "train", steps) for k in ("train", "infer")
     }
     ours = {
-        "train": train_speed(model, batch, size, bf16, True, steps),
-        "infer": infer_speed(model, batch, size, bf16, True, steps),
+        k: speed(model, batch, size, bf16, True, k == "train", steps) for k in ("train", "infer")
     }
     peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
     return {
@@ -174,9 +153,8 @@ def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
     served = sum(len(x) for e in range(epochs) for x, _ in loader.epoch(e))
     data_rate = served / (time.perf_counter() - start)
     bf16 = recipe["precision"] == "bf16"
-    model_rate = train_speed(
-        model, int(recipe["train"]["batch_size"]), int(pre["input_size"]), bf16, False
-    )
+    batch = int(recipe["train"]["batch_size"])
+    model_rate = speed(model, batch, int(pre["input_size"]), bf16, False, train=True)
     return {
         "recipe": recipe_name,
         "augment": recipe["augment"],

@@ -86,6 +86,12 @@ def compare(
     names = list(SEED_RECIPES) + [r for r in recipes or [] if r not in SEED_RECIPES]
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     plans = [plan(name, data, test, overrides, pretrained_source, weights, out) for name in names]
+    run_names = [p["recipe"]["name"] for p in plans]
+    clash = sorted({n for n in run_names if run_names.count(n) > 1})
+    if clash:
+        raise UserError(
+            f"several recipes are named {', '.join(clash)}; give each a distinct `name:`"
+        )
     load_images(data)  # a bad --data is the user's mistake, not a row that "cannot run"
     split = "test" if test else "val"
     seconds = THROUGHPUT_SECONDS if throughput_seconds is None else throughput_seconds
@@ -116,16 +122,18 @@ def compare(
 
 def plan(name, data, test, overrides, pretrained_source, weights, out: Path) -> dict:
     """The resolved recipe of one row group and its run directory; checks a reused directory."""
+    from cifarlab.api import _absolute
+
     base = config.load_recipe(name, overrides)
     extra = dict(overrides or {})
     if base["model"]["name"] == "timm":
         if pretrained_source is not None:
             extra["model.pretrained_source"] = pretrained_source
         if weights is not None:
-            extra["model.weights"] = str(weights)
-    extra["data.source"] = str(data)
+            extra["model.weights"] = _absolute(weights)
+    extra["data.source"] = _absolute(data)
     if test is not None:
-        extra["data.test"] = str(test)
+        extra["data.test"] = _absolute(test)
     recipe = config.load_recipe(name, extra)
     run_dir = out / recipe["name"]
     if (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file():

@@ -48,6 +48,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def use_channels_last(memory_format: str, device: torch.device) -> bool:
+    if memory_format not in ("auto", "channels_last", "contiguous"):
+        raise UserError(
+            f"unknown memory_format {memory_format!r}; use auto, channels_last or contiguous"
+        )
+    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
+
+
 def split_data(recipe: dict) -> tuple[ImageSet, ImageSet, ImageSet | None]:
     """(train, val, test) exactly as the recipe and its seed define them."""
     d = recipe["data"]
@@ -144,7 +152,7 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.dump(recipe))
     preprocess["image_size"] = recipe["data"]["image_size"]
-    channels_last = device.type == "cuda"
+    channels_last = use_channels_last(recipe.get("memory_format", "auto"), device)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     log(
         f"data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
