@@ -49,3 +49,24 @@ def tiny_recipe(tmp_path):
         "train: {epochs: 3, batch_size: 8, lr: 0.01}\n"
     )
     return path
+
+
+def crash_then_resume(recipe, data, tmp_path, monkeypatch, at_step: int) -> dict:
+    """Train into tmp_path/killed, crash at the `at_step`-th optimizer step (as a kill would),
+    then resume the run; returns the resumed run's metrics."""
+    import cifarlab
+
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def crashing_step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        cifarlab.train(recipe, data, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    return cifarlab.train(resume=tmp_path / "killed", progress=False)

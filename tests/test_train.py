@@ -7,10 +7,9 @@ import sys
 import pytest
 
 import cifarlab
-from cifarlab import training as train_module
 from cifarlab.cli import main
 
-from .conftest import make_folder
+from .conftest import crash_then_resume, make_folder
 
 
 def test_train_writes_a_complete_run_directory(tiny_folder, tiny_recipe, tmp_path):
@@ -54,20 +53,9 @@ def test_resume_after_a_crash_mid_epoch_matches_a_clean_run(
 ):
     clean = cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "clean", progress=False)
 
-    real_step = train_module.torch.optim.Adam.step
-    calls = {"n": 0}
-
-    def crashing_step(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 8:  # second epoch, third batch
-            raise KeyboardInterrupt
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(train_module.torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_module.torch.optim.Adam, "step", real_step)
-    resumed = cifarlab.train(resume=tmp_path / "killed", progress=False)
+    resumed = crash_then_resume(
+        tiny_recipe, tiny_folder, tmp_path, monkeypatch, at_step=8
+    )  # second epoch, third batch
     assert resumed["val"]["loss"] == clean["val"]["loss"]
     assert history_without_timings(tmp_path / "killed/history.csv") == history_without_timings(
         tmp_path / "clean/history.csv"

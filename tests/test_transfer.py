@@ -12,11 +12,13 @@ from torch import nn
 
 import cifarlab
 from cifarlab import config
-from cifarlab import training as train_module
 from cifarlab.cli import main
 from cifarlab.errors import UserError
 from cifarlab.models import build_model
 from cifarlab.models.transfer import build_transfer
+from cifarlab.training import split_data
+
+from .conftest import crash_then_resume
 
 ARCH = "resnet18"  # stages: conv1/bn1 (stem), layer1..layer4
 SHRINK = [
@@ -194,20 +196,9 @@ def test_feature_views_add_augmented_views_and_resume_recomputes_the_cache(
 ):
     recipe = head_recipe(tmp_path, views=3)
     clean = cifarlab.train(recipe, tiny_folder, tmp_path / "clean", progress=False)
-    real_step = train_module.torch.optim.Adam.step
-    calls = {"n": 0}
-
-    def crashing_step(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 12:  # third epoch
-            raise KeyboardInterrupt
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(train_module.torch.optim.Adam, "step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        cifarlab.train(recipe, tiny_folder, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_module.torch.optim.Adam, "step", real_step)
-    resumed = cifarlab.train(resume=tmp_path / "killed", progress=False)
+    resumed = crash_then_resume(
+        recipe, tiny_folder, tmp_path, monkeypatch, at_step=12
+    )  # third epoch
     assert resumed["val"]["loss"] == pytest.approx(clean["val"]["loss"], rel=1e-6)
     assert history_without_timings(tmp_path / "killed/history.csv") == history_without_timings(
         tmp_path / "clean/history.csv"
@@ -235,7 +226,7 @@ def test_transfer_checkpoint_reloads_and_predicts_as_in_training(tiny_folder, tm
     predictor = cifarlab.load(out)
     assert predictor.preprocess["resize_steps"] == [48]
     assert predictor.preprocess["interpolation"] == "bicubic"
-    _, val_set, _ = train_module.split_data(config.load_run(out))
+    _, val_set, _ = split_data(config.load_run(out))
     probs = predictor.probs(val_set.images)
     np.testing.assert_allclose(probs, np.load(out / "val_probs.npy"), atol=1e-5)
     top = predictor.predict_files([tiny_folder / "cat" / "000.png"], k=2)
