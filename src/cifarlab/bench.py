@@ -20,6 +20,9 @@ from cifarlab.augment import AugmentConfig
 from cifarlab.data import ImageSet
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
+from cifarlab.training import use_channels_last
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -105,8 +108,10 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10) -> 
     base = {
         k: speed(model, batch, size, False, False, k == "train", steps) for k in ("train", "infer")
     }
+    channels_last = use_channels_last(recipe["memory_format"], torch.device(DEVICE))
     ours = {
-        k: speed(model, batch, size, bf16, True, k == "train", steps) for k in ("train", "infer")
+        k: speed(model, batch, size, bf16, channels_last, k == "train", steps)
+        for k in ("train", "infer")
     }
     peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
     return {
