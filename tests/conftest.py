@@ -51,12 +51,34 @@ def tiny_recipe(tmp_path):
     return path
 
 
-def crash_then_resume(recipe, data, tmp_path, monkeypatch, at_step: int) -> dict:
-    """Train into tmp_path/killed, crash at the `at_step`-th optimizer step (as a kill would),
+@pytest.fixture
+def tiny_fast_recipe(tmp_path):
+    """The `fast` recipe shrunk to train in a second: lookahead, alternating flip, TTA level 2."""
+    path = tmp_path / "tiny-fast.yaml"
+    path.write_text(
+        "name: tiny-fast\n"
+        "precision: bf16\n"
+        "model: {name: fastnet, widths: [8, 16, 16]}\n"
+        "data: {val_fraction: 0.25}\n"
+        "augment: {flip: alternate, translate: 2}\n"
+        "train: {epochs: 3, batch_size: 8, optimizer: sgd, lr: 0.2, momentum: 0.85,\n"
+        "        weight_decay: 0.001, schedule: linear, warmup_epochs: 0.5,\n"
+        "        label_smoothing: 0.2, lookahead: 0.95, eval_tta: 2}\n"
+        "budget:\n"
+        "  min_epochs: 0\n"
+        "  sizes: [{}, {model.widths: [16, 24, 24], augment.cutout: 4}]\n"
+    )
+    return path
+
+
+def crash_then_resume(
+    recipe, data, tmp_path, monkeypatch, at_step: int, optimizer=torch.optim.Adam
+) -> dict:
+    """Train into tmp_path/killed, crash at the `at_step`-th `optimizer` step (as a kill would),
     then resume the run; returns the resumed run's metrics."""
     import cifarlab
 
-    real_step = torch.optim.Adam.step
+    real_step = optimizer.step
     calls = {"n": 0}
 
     def crashing_step(self, *a, **kw):
@@ -65,8 +87,8 @@ def crash_then_resume(recipe, data, tmp_path, monkeypatch, at_step: int) -> dict
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", crashing_step)
+    monkeypatch.setattr(optimizer, "step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         cifarlab.train(recipe, data, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    monkeypatch.setattr(optimizer, "step", real_step)
     return cifarlab.train(resume=tmp_path / "killed", progress=False)

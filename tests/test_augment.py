@@ -59,3 +59,54 @@ def test_flip_mirrors_about_half_the_images():
     out, _ = augment(x, y, AugmentConfig(flip=True), torch.Generator().manual_seed(0))
     flipped = sum(torch.equal(out[i], x[i].flip(2)) for i in range(200))
     assert 60 < flipped < 140
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    import numpy as np
+
+    from cifarlab.data import ImageSet
+    from cifarlab.loader import BatchLoader
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
+    data = ImageSet(images, np.arange(40) % 2, ["a", "b"])
+    pre = {"input_size": 6, "mean": [0, 0, 0], "std": [1, 1, 1]}
+
+    def flipped_per_epoch(seed):
+        loader = BatchLoader(
+            data, 40, torch.device("cpu"), pre, aug=AugmentConfig(flip="alternate"), seed=seed
+        )
+        plain = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        epochs = []
+        for e in range(3):
+            x, _ = next(loader.epoch(seed=e, index=e))
+            epochs.append(x)
+        # recover each served image's identity by matching it or its mirror to the originals
+        result = []
+        for x in epochs:
+            seen = {}
+            for img in x:
+                for i in range(40):
+                    if torch.equal(img, plain[i]):
+                        seen[i] = False
+                    elif torch.equal(img, plain[i].flip(2)):
+                        seen[i] = True
+            assert len(seen) == 40
+            result.append(seen)
+        return result
+
+    e0, e1, e2 = flipped_per_epoch(seed=0)
+    assert 10 < sum(e0.values()) < 30  # a random half to start with
+    assert all(e1[i] != e0[i] for i in range(40))  # each image mirrored every other epoch
+    assert e2 == e0
+    assert flipped_per_epoch(seed=0)[0] == e0  # the run's seed fixes the stream
+    assert flipped_per_epoch(seed=1)[0] != e0
+
+
+def test_unknown_flip_mode_is_a_user_error():
+    import pytest
+
+    from cifarlab.errors import UserError
+
+    with pytest.raises(UserError, match="alternate"):
+        AugmentConfig(flip="sometimes")

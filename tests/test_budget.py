@@ -55,3 +55,65 @@ def test_budget_rewrites_the_epochs_in_the_saved_recipe(tiny_folder, tiny_recipe
     epochs = yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"]
     assert epochs != 3 and epochs > 3  # an 8 s budget fits far more than 3 tiny epochs
     assert len(rows(out / "history.csv")) == -(-epochs // 1)
+
+
+def test_replan_stretches_or_shrinks_what_is_left_to_the_measured_speed():
+    from cifarlab.budget import MARGIN, Plan
+
+    recipe = {"train": {"epochs": 9.7}, "phases": []}
+    plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=2.0, resized=False)
+    slow = [{"phase": "train", "seconds": 20.0}]  # twice as slow as the plan thought
+    steps = plan.replan(recipe, 0, 1, 10, slow, elapsed_s=25.0, log=lambda m: None)
+    expected = 1 + (100 * (1 - MARGIN) - 25 - 2) / 20
+    assert steps == round(expected * 10)
+    assert recipe["train"]["epochs"] == pytest.approx(expected, abs=1e-3)
+    fast = [{"phase": "train", "seconds": 5.0}]
+    recipe = {"train": {"epochs": 9.7}, "phases": []}
+    steps = plan.replan(recipe, 0, 1, 10, fast, elapsed_s=10.0, log=lambda m: None)
+    assert steps == round((1 + (100 * (1 - MARGIN) - 10 - 2) / 5) * 10)
+
+
+def test_replan_never_reopens_a_finished_phase_or_undoes_done_steps():
+    from cifarlab.budget import Plan
+
+    plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
+    done = {"train": {"epochs": 2}, "phases": []}
+    rows = [{"phase": "train", "seconds": 1.0}] * 2
+    assert plan.replan(done, 0, 2, 10, rows, elapsed_s=5.0, log=print) == 20  # stays finished
+    late = {"train": {"epochs": 5}, "phases": []}
+    rows = [{"phase": "train", "seconds": 60.0}]
+    assert plan.replan(late, 0, 1, 10, rows, elapsed_s=99.0, log=print) == 11  # one step more
+
+
+def test_a_budget_picks_the_larger_model_only_when_it_gets_enough_epochs(
+    tiny_folder, tiny_fast_recipe, tmp_path
+):
+    roomy = cifarlab.train(
+        tiny_fast_recipe, tiny_folder, tmp_path / "a", progress=False, budget="10s"
+    )
+    saved = yaml.safe_load((tmp_path / "a/config.yaml").read_text())
+    assert saved["model"]["widths"] == [16, 24, 24]  # min_epochs 0: the largest size
+    assert saved["augment"]["cutout"] == 4  # with all of its settings
+    assert roomy["val"]["accuracy"] > 0
+    whiten = cifarlab.load(tmp_path / "a").model.whiten  # the rebuilt model was whitened too
+    assert torch.equal(whiten.weight[12:], -whiten.weight[:12])
+    cifarlab.train(
+        tiny_fast_recipe,
+        tiny_folder,
+        tmp_path / "b",
+        progress=False,
+        budget="10s",
+        overrides={"budget.min_epochs": 1e9},
+    )
+    saved = yaml.safe_load((tmp_path / "b/config.yaml").read_text())
+    assert saved["model"]["widths"] == [8, 16, 16]
+
+
+def test_replan_ignores_one_stalled_epoch():
+    from cifarlab.budget import MARGIN, Plan
+
+    plan = Plan(budget_s=1000.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
+    recipe = {"train": {"epochs": 50}, "phases": []}
+    rows = [{"phase": "train", "seconds": s} for s in (10.0, 90.0, 10.0)]  # another process ran
+    steps = plan.replan(recipe, 0, 3, 10, rows, elapsed_s=110.0, log=print)
+    assert steps == round((3 + (1000 * (1 - MARGIN) - 110) / 10) * 10)

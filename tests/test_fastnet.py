@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from cifarlab.bench import flops_per_image, time_to_accuracy
@@ -49,3 +50,30 @@ def test_bench_curve_cli_writes_json_and_plot(tmp_path, capsys):
     assert '"val_accuracy": 0.5' in (tmp_path / "out/bench-curve.json").read_text()
     assert main(["bench", "curve", "--out", str(tmp_path / "out")]) == 2
     assert "needs run directories" in capsys.readouterr().err
+
+
+def test_only_batchnorm_biases_get_the_larger_learning_rate():
+    net = FastNet(10, widths=(8, 8, 8), bias_lr_scale=64.0)
+    normal, biases = net.param_groups({"lr": 0.1, "weight_decay": 0.01})
+    assert biases["lr"] == 0.1 * 64 and biases["weight_decay"] == 0.01 / 64
+    bn = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in biases["params"]} == {id(p) for p in bn}
+    assert any(p is net.whiten.bias for p in normal["params"])
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for g in (normal, biases) for p in g["params"]} == trainable
+
+
+def test_speed_bench_reports_every_budget_size(tiny_fast_recipe):
+    from cifarlab.bench import model_speeds
+
+    rows = model_speeds(str(tiny_fast_recipe))
+    assert [r["budget_size"] for r in rows] == [
+        {},
+        {"model.widths": [16, 24, 24], "augment.cutout": 4},
+    ]
+    assert rows[1]["train_gflops_per_image"] > rows[0]["train_gflops_per_image"]
+    for r in rows:
+        assert r["train_images_per_s"] > 0 and r["baseline_train_images_per_s"] > 0
+        assert r["train_fraction_of_peak"] == pytest.approx(
+            r["train_gflop_per_s"] / r["matmul_peak_gflop_per_s"]
+        )

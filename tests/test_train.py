@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import cifarlab
 from cifarlab.cli import main
@@ -172,3 +173,42 @@ def test_class_mismatch_between_model_and_data_is_refused(
         (other / name / "a.png").write_bytes((tiny_folder / "cat" / "000.png").read_bytes())
     assert main(["evaluate", str(out), "--data", str(other), "--no-track"]) == 2
     assert "class mismatch" in capsys.readouterr().err
+
+
+def test_fast_recipe_with_lookahead_resumes_exactly(
+    tiny_folder, tiny_fast_recipe, tmp_path, monkeypatch
+):
+    clean = cifarlab.train(tiny_fast_recipe, tiny_folder, tmp_path / "clean", progress=False)
+    resumed = crash_then_resume(
+        tiny_fast_recipe, tiny_folder, tmp_path, monkeypatch, at_step=12, optimizer=torch.optim.SGD
+    )  # inside epoch 3, after lookahead syncs at steps 5 and 10
+    assert resumed["val"]["loss"] == clean["val"]["loss"]
+    assert history_without_timings(tmp_path / "killed/history.csv") == history_without_timings(
+        tmp_path / "clean/history.csv"
+    )
+
+
+@pytest.mark.slow  # torch.compile on a CPU: ~30 s
+def test_compiled_training_matches_eager(tiny_folder, tiny_fast_recipe, tmp_path):
+    over = {"train.epochs": 1, "train.lookahead": 0.0, "precision": "fp32"}
+    eager = cifarlab.train(
+        tiny_fast_recipe, tiny_folder, tmp_path / "e", overrides=over, progress=False
+    )
+    compiled = cifarlab.train(
+        tiny_fast_recipe,
+        tiny_folder,
+        tmp_path / "c",
+        overrides={**over, "compile": True},
+        progress=False,
+    )
+    assert compiled["val"]["loss"] == pytest.approx(eager["val"]["loss"], rel=1e-3)
+
+
+def test_bad_compile_setting_is_a_one_line_error(tiny_folder, tiny_recipe, tmp_path, capsys):
+    code = main(
+        ["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder), "--out",
+         str(tmp_path / "r"), "--set", "compile=sometimes", "--no-track"]
+    )  # fmt: skip
+    assert code == 2
+    assert "unknown compile setting" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cifarlab.errors import UserError
+
 
 @dataclass
 class AugmentConfig:
-    flip: bool = False  # random horizontal flip
+    flip: bool | str = False  # horizontal flip: true = at random; "alternate" = each image every
+    # other epoch, starting from a random half (more distinct views in few epochs; airbench)
     rotate: float = 0.0  # max degrees either way (Keras RandomRotation(0.1) = 36 degrees)
     zoom: float = 0.0  # max relative zoom either way (Keras RandomZoom(0.1) = 0.1)
     translate: int = 0  # max pixels of shift: reflect-pad then random crop
@@ -26,13 +29,19 @@ class AugmentConfig:
     cutmix: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 = off
     mix_prob: float = 1.0  # probability that a batch is mixed (when mixup or cutmix is on)
 
+    def __post_init__(self):
+        if self.flip not in (True, False, "alternate"):
+            raise UserError(f"augment.flip is {self.flip!r}; use true, false or alternate")
+
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (high - low) + low
 
 
-def flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+def flip(x: torch.Tensor, g: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror the images where `mask` is set (default: a random half)."""
+    if mask is None:
+        mask = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -113,10 +122,17 @@ def _coin(g: torch.Generator) -> float:
     return torch.rand(1, generator=g, device=g.device).item()
 
 
-def augment(x: torch.Tensor, y_soft: torch.Tensor, cfg: AugmentConfig, g: torch.Generator):
-    """Apply the configured ops to a float batch in [0, 1] with soft (one-hot) targets."""
+def augment(
+    x: torch.Tensor,
+    y_soft: torch.Tensor,
+    cfg: AugmentConfig,
+    g: torch.Generator,
+    flip_mask: torch.Tensor | None = None,
+):
+    """Apply the configured ops to a float batch in [0, 1] with soft (one-hot) targets;
+    `flip_mask` says which images to mirror when flipping is not random."""
     if cfg.flip:
-        x = flip(x, g)
+        x = flip(x, g, flip_mask)
     if cfg.translate:
         x = translate(x, cfg.translate, g)
     if cfg.rotate or cfg.zoom:

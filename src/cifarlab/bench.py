@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab import config
 from cifarlab.augment import AugmentConfig
+from cifarlab.budget import with_size
 from cifarlab.data import ImageSet
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
@@ -93,30 +94,41 @@ def speed(
     return batch * _steps_per_second(step, steps, warmup)
 
 
-def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10) -> dict:
-    """Speed of a recipe's model: cifarlab's settings (the recipe's precision, channels_last)
-    against the plain eager fp32 baseline, with FLOPs and achieved GFLOP/s."""
+def model_speeds(recipe_name: str) -> list[dict]:
+    """`model_speed` of the recipe, and of each larger size `--budget` may choose for it."""
+    sizes = config.load_recipe(recipe_name)["budget"]["sizes"]
+    return [model_speed(recipe_name, size=i) for i in range(max(1, len(sizes)))]
+
+
+def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, size: int = 0) -> dict:
+    """Speed of a recipe's model (or of its budget size number `size`): cifarlab's settings (the
+    recipe's precision, channels_last) against the plain eager fp32 baseline, with FLOPs and
+    achieved GFLOP/s."""
     recipe = config.load_recipe(recipe_name)
+    settings = recipe["budget"]["sizes"][size] if size else {}
+    recipe = with_size(recipe, settings)
     model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
-    size = int(pre["input_size"])
+    input_size = int(pre["input_size"])
     batch = batch or int(recipe["train"]["batch_size"])
     bf16 = recipe["precision"] == "bf16" or (
         recipe["precision"] == "auto" and torch.cuda.is_available()
     )
-    train_flops = flops_per_image(model, size, train=True)
-    infer_flops = flops_per_image(model, size, train=False)
+    train_flops = flops_per_image(model, input_size, train=True)
+    infer_flops = flops_per_image(model, input_size, train=False)
     base = {
-        k: speed(model, batch, size, False, False, k == "train", steps) for k in ("train", "infer")
+        k: speed(model, batch, input_size, False, False, k == "train", steps)
+        for k in ("train", "infer")
     }
     channels_last = use_channels_last(recipe["memory_format"], torch.device(DEVICE))
     ours = {
-        k: speed(model, batch, size, bf16, channels_last, k == "train", steps)
+        k: speed(model, batch, input_size, bf16, channels_last, k == "train", steps)
         for k in ("train", "infer")
     }
     peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
     return {
         "recipe": recipe_name,
-        "input_size": size,
+        "budget_size": settings,
+        "input_size": input_size,
         "batch": batch,
         "precision": "bf16" if bf16 else "fp32",
         "train_gflops_per_image": train_flops / 1e9,

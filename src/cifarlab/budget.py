@@ -16,7 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cifarlab import config
 from cifarlab.errors import UserError
+from cifarlab.metrics import tta_views
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
 
@@ -95,6 +97,70 @@ def scale_epochs(
     return room / planned
 
 
+def with_size(recipe: dict, size: dict) -> dict:
+    """A copy of the recipe with one of its `budget.sizes` (dotted keys, as --set) applied."""
+    sized = copy.deepcopy(recipe)
+    for key, value in size.items():
+        config.set_key(sized, key, value)
+    return sized
+
+
+class Plan:
+    """What `plan` decided, kept to correct it with the epochs as they are really timed."""
+
+    def __init__(self, budget_s: float, epoch_seconds: list[float], final_s: float, resized: bool):
+        self.budget_s, self.epoch_seconds, self.final_s = budget_s, epoch_seconds, final_s
+        self.resized = resized  # a larger size of the recipe was chosen
+
+    def replan(
+        self,
+        recipe: dict,
+        phase: int,
+        epochs_done: int,
+        steps_per_epoch: int,
+        history: list[dict],
+        elapsed_s: float,
+        log,
+    ) -> int:
+        """After an epoch of phase `phase`: rescale what is left of every phase by the ratio of
+        the measured to the planned epoch time, so that the run still ends on time. Returns the
+        phase's new length in steps (never less than what is done, and a finished phase stays
+        finished, so the LR schedule never jumps back up)."""
+        phases = config.phases(recipe)
+        name = phases[phase]["name"]
+        done_steps = epochs_done * steps_per_epoch
+        horizon = max(1, round(float(phases[phase]["epochs"]) * steps_per_epoch))
+        if done_steps >= horizon:
+            return horizon
+        recent = sorted([r["seconds"] for r in history if r["phase"] == name][-epochs_done:][-3:])
+        measured = recent[len(recent) // 2]  # the median of the last 3: one stalled epoch is noise
+        ratio = measured / self.epoch_seconds[phase]
+        left = [float(phases[phase]["epochs"]) - epochs_done] + [
+            float(p["epochs"]) for p in phases[phase + 1 :]
+        ]
+        need = sum(n * s * ratio for n, s in zip(left, self.epoch_seconds[phase:], strict=True))
+        room = self.budget_s * (1 - MARGIN) - elapsed_s - self.final_s
+        factor = max(0.0, room) / need if need > 0 else 1.0
+        new_epochs = epochs_done + left[0] * factor
+        steps = max(done_steps + 1, round(new_epochs * steps_per_epoch))
+        _set_epochs(recipe, phase, round(steps / steps_per_epoch, 3))
+        for i in range(phase + 1, len(phases)):
+            _set_epochs(recipe, i, round(float(phases[i]["epochs"]) * factor, 3))
+        if abs(steps - horizon) > 0.01 * horizon:
+            log(
+                f"budget: epochs take {measured:.1f}s, not {self.epoch_seconds[phase]:.1f}s; "
+                f"{name} now ends after {steps / steps_per_epoch:.2f} epochs"
+            )
+        return steps
+
+
+def _set_epochs(recipe: dict, phase: int, epochs: float) -> None:
+    if recipe["phases"]:
+        recipe["phases"][phase]["epochs"] = epochs
+    else:
+        recipe["train"]["epochs"] = epochs
+
+
 def plan(
     recipe: dict,
     phases: list[dict],
@@ -105,23 +171,61 @@ def plan(
     budget_s: float,
     elapsed_s,
     log,
-) -> None:
-    """Rewrite the recipe's epochs (train.epochs and each phase's) to fill the budget.
-    `loader_for(phase)` gives the phase's training loader; `elapsed_s()` the seconds spent so far."""
+    build=None,
+) -> Plan:
+    """Rewrite the recipe's epochs (train.epochs and each phase's) to fill the budget, and, when
+    the recipe lists `budget.sizes` (settings from small to large, the first being the recipe as
+    written), apply the largest that still trains `budget.min_epochs` epochs. `loader_for(phase)` gives a phase's training loader, `build(cfg)`
+    a model (on the device, in the run's memory format) from a model config, `elapsed_s()` the
+    seconds spent so far."""
     t_eval = time_eval(model, val_loader, bf16)
-    epoch_seconds, fixed = [], 5.0  # plots, checkpoints, report
-    for phase in phases:
-        loader = loader_for(phase)
-        evals = len(val_loader) * (2 if phase["eval_tta"] else 1)
-        epoch_seconds.append(time_steps(model, loader, phase, bf16) * len(loader) + t_eval * evals)
-    fixed += t_eval * len(val_loader) * (2 if recipe["train"]["eval_tta"] else 1)
-    factor = scale_epochs(phases, epoch_seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
+    final = 5.0  # plots, checkpoints, report
+
+    def cost(candidate) -> tuple[list[float], float]:
+        tta = int(recipe["train"]["eval_tta"])
+        seconds = []
+        for phase in phases:
+            loader = loader_for(phase)
+            evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
+            seconds.append(
+                time_steps(candidate, loader, phase, bf16) * len(loader) + t_eval * evals
+            )
+        return seconds, final + t_eval * len(val_loader) * _views(tta)
+
+    def factor_of(seconds, fixed) -> float:
+        return scale_epochs(phases, seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
+
+    epoch_seconds, fixed = cost(model)
+    factor, chosen = factor_of(epoch_seconds, fixed), 0
+    sizes, least = recipe["budget"]["sizes"], float(recipe["budget"]["min_epochs"])
+    for size in sizes:
+        with_size(recipe, size)  # a bad key fails before any timing
+    for i, size in enumerate(sizes[1:], 1):  # sizes[0] is the recipe as written
+        if sum(float(p["epochs"]) * factor for p in phases) < least:
+            break  # a larger model would get even fewer epochs
+        seconds, extra = cost(build(with_size(recipe, size)["model"]))
+        f = factor_of(seconds, extra)
+        if sum(float(p["epochs"]) * f for p in phases) < least:
+            break
+        epoch_seconds, fixed, factor, chosen = seconds, extra, f, i
+    if chosen:
+        recipe.update(with_size(recipe, sizes[chosen]))
+    factor = factor_of(epoch_seconds, fixed)  # the time spent timing the sizes counts too
     recipe["train"]["epochs"] = round(float(recipe["train"]["epochs"]) * factor, 3)
+    recipe["train"]["warmup_epochs"] = round(float(recipe["train"]["warmup_epochs"]) * factor, 3)
     for p in recipe["phases"]:
-        if "epochs" in p:
-            p["epochs"] = round(float(p["epochs"]) * factor, 3)
+        for key in ("epochs", "warmup_epochs"):
+            if key in p:
+                p[key] = round(float(p[key]) * factor, 3)
     planned = [round(p["epochs"] * factor, 2) for p in phases]
+    size_note = f"; model size {chosen + 1} of {len(sizes)}: {sizes[chosen]}" if sizes else ""
     log(
         f"budget {budget_s:.0f}s: measured {', '.join(f'{s:.1f}s' for s in epoch_seconds)} per epoch; "
-        f"training {' + '.join(map(str, planned))} epochs"
+        f"training {' + '.join(map(str, planned))} epochs{size_note}"
     )
+    return Plan(budget_s, epoch_seconds, fixed, chosen > 0)
+
+
+def _views(tta: int) -> int:
+    """Forward passes per image for a test-time augmentation level."""
+    return len(tta_views(torch.zeros(1, 1, 3, 3), tta))

@@ -305,7 +305,9 @@ def cmd_bench(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "speed":
-        result = {"results": [bench.model_speed(r) for r in args.recipes.split(",")]}
+        result = {
+            "results": [row for r in args.recipes.split(",") for row in bench.model_speeds(r)]
+        }
     elif args.what == "data":
         result = {"results": [bench.data_speed(r) for r in args.recipes.split(",")]}
     else:

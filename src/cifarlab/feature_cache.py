@@ -70,9 +70,6 @@ class FeatureCache:
         )  # (views, N, features)
         val_loader = BatchLoader(val_set, EXTRACT_BATCH, **kw)
         self.val = _extract(model, val_loader, 0, bf16)
-        self.val_flipped = (
-            _extract(model, val_loader, 0, bf16, flip=True) if phase["eval_tta"] else None
-        )
         labels = torch.from_numpy(train_set.labels).long().to(device)
         self.targets = F.one_hot(labels, len(train_set.classes)).float()
         self.batch_size = int(phase["batch_size"])
@@ -90,8 +87,9 @@ class FeatureCache:
         n = self.train.shape[1]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch(self, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (features, soft targets) in a shuffled order; each image from a random view."""
+    def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (features, soft targets) in a shuffled order; each image from a random view.
+        (`index`, the epoch's number, is the image loader's; views here are drawn at random.)"""
         g = torch.Generator(device=self.device).manual_seed(seed)
         views, n, _ = self.train.shape
         order = torch.randperm(n, generator=g, device=self.device)
@@ -101,22 +99,19 @@ class FeatureCache:
             yield self.train[view[idx], idx], self.targets[idx]
 
     @torch.no_grad()
-    def val_probs(self, model: torch.nn.Module, tta: bool = False, bf16: bool = False):
-        """Softmax probabilities of `model.head` on the validation features (as predict_probs)."""
+    def val_probs(self, model: torch.nn.Module, bf16: bool = False):
+        """Softmax probabilities of `model.head` on the validation features (as predict_probs,
+        without test-time augmentation: that is for the final scoring, on images)."""
         head = model.head.eval()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             p = F.softmax(head(self.val).float(), dim=1)
-            if tta and self.val_flipped is not None:
-                p = (p + F.softmax(head(self.val_flipped).float(), dim=1)) / 2
         return p.float().cpu().numpy().astype(np.float32)
 
 
 @torch.no_grad()
-def _extract(
-    model: torch.nn.Module, loader: BatchLoader, seed: int, bf16: bool, flip: bool = False
-) -> torch.Tensor:
+def _extract(model: torch.nn.Module, loader: BatchLoader, seed: int, bf16: bool) -> torch.Tensor:
     out = []
     for x, _ in loader.epoch(seed):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(model.features(x.flip(3) if flip else x).float())
+            out.append(model.features(x).float())
     return torch.cat(out)

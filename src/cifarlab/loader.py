@@ -25,6 +25,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        seed: int = 0,
     ):
         self.images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.from_numpy(data.labels).long().to(device)
@@ -41,13 +42,18 @@ class BatchLoader:
         self.std = torch.tensor(preprocess["std"], device=device).view(1, 3, 1, 1)
         self.interpolation = preprocess.get("interpolation", "bilinear")
         self.resize_steps = tuple(preprocess.get("resize_steps") or ())
+        self.flipped = None  # alternating flip: the images mirrored in even epochs
+        if aug is not None and aug.flip == "alternate":
+            g = torch.Generator().manual_seed(seed)
+            self.flipped = (torch.rand(len(self.labels), generator=g) < 0.5).to(device)
 
     def __len__(self) -> int:
         n = len(range(self.rank, len(self.labels), self.world_size))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch(self, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (inputs, targets): targets are soft (N, classes) when augmenting, else class ids."""
+    def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (inputs, targets): targets are soft (N, classes) when augmenting, else class ids.
+        `index` (the epoch's number) decides which images an alternating flip mirrors."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         n = len(self.labels)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
@@ -59,7 +65,8 @@ class BatchLoader:
             y = self.labels[idx]
             if self.aug is not None:
                 y = F.one_hot(y, self.num_classes).float()
-                x, y = augment(x, y, self.aug, g)
+                mask = None if self.flipped is None else self.flipped[idx] ^ bool(index % 2)
+                x, y = augment(x, y, self.aug, g, mask)
             yield self.prepare(x), y
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,17 +9,29 @@ import torch.nn.functional as F
 from cifarlab.loader import BatchLoader
 
 
+def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs of a normalised batch for test-time augmentation: level 0 the batch
+    itself, 1 adds its mirror image, 2 also the mirrored pair shifted one pixel up-left and one
+    down-right (reflected borders). Weights sum to 1: half on the unshifted pair."""
+    views = [(1.0, x)] if level <= 0 else [(0.5, x), (0.5, x.flip(3))]
+    if level >= 2:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        views = [(wt / 2, v) for wt, v in views]
+        views += [(0.125, v) for s in shifted for v in (s, s.flip(3))]
+    return views
+
+
 @torch.no_grad()
-def predict_probs(model, loader: BatchLoader, tta: bool = False, bf16: bool = False) -> np.ndarray:
-    """Softmax probabilities for every image the loader serves, in order; `tta` averages the
-    prediction of each image with that of its mirror image."""
+def predict_probs(model, loader: BatchLoader, tta: int = 0, bf16: bool = False) -> np.ndarray:
+    """Softmax probabilities for every image the loader serves, in order; `tta` (a level, see
+    `tta_views`; True = 1) averages the predictions of each image's views."""
     model.eval()
     out = []
     for x, _ in loader.epoch():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            p = F.softmax(model(x).float(), dim=1)
-            if tta:
-                p = (p + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
+            p = sum(wt * F.softmax(model(v).float(), dim=1) for wt, v in tta_views(x, int(tta)))
         out.append(p.float().cpu())
     return torch.cat(out).numpy()
 

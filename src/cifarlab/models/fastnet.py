@@ -7,6 +7,8 @@ published CIFAR-10 trainings (Page's Myrtle ResNet, hlb-CIFAR10, Jordan's airben
 - BatchNorm without a learned scale, with a high momentum suited to short training;
 - global max pooling and a linear classifier with a small output scale;
 - a much larger learning rate for the BN biases than for the filters (`bias_lr_scale`).
+
+On a CPU it trains fastest in channels_last with bf16 autocast (oneDNN's NHWC convolutions).
 """
 
 from __future__ import annotations
@@ -81,14 +83,15 @@ class FastNet(nn.Module):
         self.whiten.bias.zero_()
 
     def param_groups(self, phase: dict) -> list[dict]:
-        """Filters at the phase's LR; biases at bias_lr_scale times it, with weight decay scaled
-        down by the same factor (so every parameter decays at the same rate per step)."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
+        """BN biases at bias_lr_scale times the phase's LR, with weight decay scaled down by the
+        same factor (so every parameter decays at the same rate per step); the rest at the LR."""
+        bn_biases = [m.bias for m in self.modules() if isinstance(m, BatchNorm)]
+        chosen = {id(p) for p in bn_biases}
         scale = self.bias_lr_scale
         return [
-            {"params": [p for p in trainable if p.ndim > 1]},
+            {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in chosen]},
             {
-                "params": [p for p in trainable if p.ndim == 1],
+                "params": bn_biases,
                 "lr": float(phase["lr"]) * scale,
                 "weight_decay": float(phase["weight_decay"]) / scale,
             },
