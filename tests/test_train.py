@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,9 @@ def test_fast_recipe_with_lookahead_resumes_exactly(
 
 
 @pytest.mark.slow  # torch.compile on a CPU: ~30 s
+@pytest.mark.skipif(
+    shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler"
+)
 def test_compiled_training_matches_eager(tiny_folder, tiny_fast_recipe, tmp_path):
     over = {"train.epochs": 1, "train.lookahead": 0.0, "precision": "fp32"}
     eager = cifarlab.train(
