@@ -88,11 +88,20 @@ def test_replan_never_reopens_a_finished_phase_or_undoes_done_steps():
 def test_a_budget_picks_the_larger_model_only_when_it_gets_enough_epochs(
     tiny_folder, tiny_fast_recipe, tmp_path
 ):
+    from cifarlab.tracking import NullTracker
+
+    class Recorder(NullTracker):
+        def start(self, recipe, out):
+            self.recipe = yaml.safe_load(yaml.safe_dump(recipe))
+
+    tracker = Recorder()
     roomy = cifarlab.train(
-        tiny_fast_recipe, tiny_folder, tmp_path / "a", progress=False, budget="10s"
+        tiny_fast_recipe, tiny_folder, tmp_path / "a", progress=False, budget="10s", tracker=tracker
     )
     saved = yaml.safe_load((tmp_path / "a/config.yaml").read_text())
     assert saved["model"]["widths"] == [16, 24, 24]  # min_epochs 0: the largest size
+    assert tracker.recipe["model"]["widths"] == [16, 24, 24]  # tracking records what trains
+    assert tracker.recipe["train"]["epochs"] != 3  # the planned length, not the written one
     assert saved["augment"]["cutout"] == 4  # with all of its settings
     assert roomy["val"]["accuracy"] > 0
     whiten = cifarlab.load(tmp_path / "a").model.whiten  # the rebuilt model was whitened too
@@ -117,3 +126,15 @@ def test_replan_ignores_one_stalled_epoch():
     rows = [{"phase": "train", "seconds": s} for s in (10.0, 90.0, 10.0)]  # another process ran
     steps = plan.replan(recipe, 0, 3, 10, rows, elapsed_s=110.0, log=print)
     assert steps == round((3 + (1000 * (1 - MARGIN) - 110) / 10) * 10)
+
+
+def test_a_budget_size_may_not_change_the_data(tiny_folder, tiny_fast_recipe, tmp_path):
+    with pytest.raises(UserError, match="model, augment and train keys only"):
+        cifarlab.train(
+            tiny_fast_recipe,
+            tiny_folder,
+            tmp_path / "a",
+            progress=False,
+            budget="10s",
+            overrides={"budget.sizes": [{}, {"data.image_size": 16}]},
+        )

@@ -101,6 +101,10 @@ def with_size(recipe: dict, size: dict) -> dict:
     """A copy of the recipe with one of its `budget.sizes` (dotted keys, as --set) applied."""
     sized = copy.deepcopy(recipe)
     for key, value in size.items():
+        if key.split(".")[0] not in ("model", "augment", "train"):
+            raise UserError(
+                f"budget.sizes sets {key!r}; a size may change model, augment and train keys only"
+            )
         config.set_key(sized, key, value)
     return sized
 

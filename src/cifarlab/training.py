@@ -192,7 +192,6 @@ def fit(
             else "the final scoring"
         )
         log(f"resuming {out} at {where}")
-    tracker.start(recipe, out)
 
     aug = AugmentConfig(**recipe["augment"])
     eval_kw = dict(device=device, preprocess=preprocess, channels_last=channels_last)
@@ -230,6 +229,7 @@ def fit(
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
         phase_list = config.phases(recipe)
         (out / "config.yaml").write_text(config.dump(recipe))
+    tracker.start(recipe, out)  # after planning: the run records the epochs and size it trains
     step = sum(1 for _ in state["history"])
     for p_i, phase in enumerate(phase_list):
         if p_i < state["phase"] or state["done"]:
