@@ -57,27 +57,6 @@ def train(
     return {**result, "run_dir": str(run)}
 
 
-def compare(
-    data: str | Path,
-    test: str | Path | None = None,
-    recipes: list[str] | None = None,
-    out: str | Path | None = None,
-    pretrained_source: str | None = None,
-    weights: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-    tracker=None,
-) -> dict:
-    """The seed's comparison table (Custom CNN; ResNet50 after training / after fine-tuning) plus
-    `recipes`, each row a run directory in `out`; writes compare.md/.csv/.json there and returns
-    the table. Rows that cannot run are kept with status "not run" and the reason."""
-    from cifarlab.compare import compare as run_compare
-
-    return run_compare(
-        data, test, recipes, out, pretrained_source, weights, overrides, progress, tracker
-    )
-
-
 def _absolute(source: str | Path) -> str:
     """A path as an absolute one (so a run can be resumed or reported from anywhere); the word
     'cifar10' stays as it is."""

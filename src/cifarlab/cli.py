@@ -78,9 +78,9 @@ def pretrained_overrides(args) -> dict:
 
 
 def cmd_compare(args) -> None:
-    from cifarlab import api
+    from cifarlab.compare import compare
 
-    table = api.compare(
+    table = compare(
         args.data,
         args.test,
         [r.strip() for r in (args.recipes or "").split(",") if r.strip()],
