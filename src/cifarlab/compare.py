@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 
 from cifarlab import config
 from cifarlab.errors import UserError
+from cifarlab.files import atomic_write_text
 
 SEED_RECIPES = ("seed-cnn", "seed-resnet50")
 #: The seed notebook's published test accuracies (GPU, ImageNet weights for ResNet50).
@@ -296,15 +296,9 @@ def cpu_name() -> str:
 
 
 def write_table(table: dict, out: Path) -> None:
-    _atomic_write(out / "compare.json", json.dumps(table, indent=2))
-    _atomic_write(out / "compare.csv", to_csv(table["rows"]))
-    _atomic_write(out / "compare.md", to_markdown(table))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(out / "compare.json", json.dumps(table, indent=2))
+    atomic_write_text(out / "compare.csv", to_csv(table["rows"]))
+    atomic_write_text(out / "compare.md", to_markdown(table))
 
 
 def to_csv(rows: list[dict]) -> str:

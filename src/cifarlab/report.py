@@ -7,7 +7,6 @@ import base64
 import csv
 import html
 import json
-import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from cifarlab import __version__, config, plots
 from cifarlab.data import ImageSet
 from cifarlab.errors import UserError
+from cifarlab.files import atomic_write_text
 
 BINS = 10  # reliability diagram / ECE bins
 MISTAKES = 32  # images in the grid of most confident mistakes
@@ -359,7 +359,5 @@ def write_page(path: Path, title: str, body: list[str]) -> Path:
         f"<title>{esc(title)} - cifarlab report</title><style>{CSS}</style></head>"
         f"<body>{''.join(body)}</body></html>\n"
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
     return path

@@ -4,6 +4,7 @@ best checkpoint kept, early stopping, exact resume from the last finished epoch.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ from cifarlab import budget, checkpoint, config, feature_cache
 from cifarlab.augment import AugmentConfig
 from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
 from cifarlab.errors import UserError
+from cifarlab.files import atomic_write_text
 from cifarlab.loader import BatchLoader
 from cifarlab.lookahead import Lookahead
 from cifarlab.metrics import metrics, predict_probs
@@ -164,7 +166,7 @@ def fit(
     classes = train_set.classes
     model, preprocess = build_model(recipe["model"], len(classes), recipe["data"]["image_size"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.dump(recipe))
+    atomic_write_text(out / "config.yaml", config.dump(recipe))
     preprocess["image_size"] = recipe["data"]["image_size"]
     channels_last = use_channels_last(recipe.get("memory_format", "auto"), device)
     model.to(device, memory_format=_memory_format(channels_last))
@@ -173,10 +175,6 @@ def fit(
         f"model: {recipe['model']['name']} {count_parameters(model) / 1e6:.2f}M params; "
         f"device: {device}{' bf16' if bf16 else ''}"
     )
-
-    init = getattr(model, "init_from_data", None)  # data-dependent initialisation, e.g. whitening
-    if init is not None and not resume:
-        init(sample_batch(train_set, preprocess, device))
 
     phase_list = config.phases(recipe)
     state = {"phase": 0, "epoch": 0, "best": -1.0, "stale": 0, "history": [], "done": False}
@@ -223,12 +221,12 @@ def fit(
         if planned.resized:  # the budget affords a larger size of the recipe
             model = build(recipe["model"])
             aug = AugmentConfig(**recipe["augment"])
-            init = getattr(model, "init_from_data", None)
-            if init is not None:
-                init(sample_batch(train_set, preprocess, device))
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
         phase_list = config.phases(recipe)
-        (out / "config.yaml").write_text(config.dump(recipe))
+        atomic_write_text(out / "config.yaml", config.dump(recipe))
+    init = getattr(model, "init_from_data", None)  # data-dependent initialisation, e.g. whitening
+    if init is not None and not resume:  # once, on the model the budget chose
+        init(sample_batch(train_set, preprocess, device))
     tracker.start(recipe, out)  # after planning: the run records the epochs and size it trains
     step = sum(1 for _ in state["history"])
     for p_i, phase in enumerate(phase_list):
@@ -368,7 +366,7 @@ def fit(
                     time.perf_counter() - started, log,
                 )  # fmt: skip
                 epochs = math.ceil(horizon[0] / len(train_loader))
-                (out / "config.yaml").write_text(config.dump(recipe))
+                atomic_write_text(out / "config.yaml", config.dump(recipe))
             last = epoch + 1 >= epochs or stop
             state["epoch"] = 0 if last else epoch + 1
             state["phase"] = p_i + 1 if last else p_i
@@ -467,15 +465,12 @@ def phase_summaries(history: list[dict]) -> list[dict]:
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
