@@ -22,6 +22,7 @@ from cifarlab.augment import AugmentConfig
 from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_text
+from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.lookahead import Lookahead
 from cifarlab.metrics import metrics, predict_probs
@@ -145,6 +146,7 @@ def epoch_seed(seed: int, phase: int, epoch: int) -> int:
     return seed * 1_000_003 + phase * 10_007 + epoch
 
 
+@reuse_freed_memory()
 def fit(
     recipe: dict,
     out: Path,
