@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from cifarlab.files import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg-train.tar.gz"
 
@@ -24,6 +26,6 @@ def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     text = json.dumps({**result, "machine": machine()}, indent=2)
-    path.write_text(text + "\n")
+    atomic_write_text(path, text + "\n")
     print(text)
     return path

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from cifarlab.bench import flops_per_image, time_to_accuracy
+from cifarlab.models import build_model
 from cifarlab.models.fastnet import FastNet
 
 
@@ -77,3 +78,21 @@ def test_speed_bench_reports_every_budget_size(tiny_fast_recipe):
         assert r["train_fraction_of_peak"] == pytest.approx(
             r["train_gflop_per_s"] / r["matmul_peak_gflop_per_s"]
         )
+
+
+def test_conv_costs_account_for_every_convolution_pass(tiny_fast_recipe, capsys):
+    from cifarlab.bench import conv_costs
+
+    result = conv_costs(str(tiny_fast_recipe), batch=4, repeats=1)
+    rows = result["convolutions"]
+    assert len(rows) == 7  # whitening + two per block
+    # the frozen whitening layer sees the images: no input or weight gradient to compute
+    assert list(rows[0]["ms"]) == ["forward"]
+    assert all(list(r["ms"]) == ["forward", "input_grad", "weight_grad"] for r in rows[1:])
+    assert rows[1]["input"] == [4, 24, 31, 31] and rows[1]["weight"] == [8, 24, 3, 3]
+    # the same FLOPs PyTorch's counter finds in a training step, less the tiny classifier
+    model, _ = build_model({"name": "fastnet", "widths": [8, 16, 16]}, 10, 32, pretrained=False)
+    classifier = 3 * 2 * 16 * 10
+    counted = flops_per_image(model, 32, train=True) - classifier
+    assert result["conv_gflop_per_step"] * 1e9 / 4 == pytest.approx(counted, rel=1e-6)
+    assert 0 < result["step_fraction_of_peak"] < result["conv_only_bound_fraction_of_peak"]

@@ -6,6 +6,7 @@ loop: fp32, contiguous tensors, no autocast), so results are also ratios."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from cifarlab import config
 from cifarlab.augment import AugmentConfig
 from cifarlab.budget import with_size
 from cifarlab.data import ImageSet
+from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
 from cifarlab.training import use_channels_last
@@ -73,8 +75,10 @@ def speed(
     train: bool,
     steps: int = 10,
     warmup: int = 3,
+    reuse_memory: bool = True,
 ) -> float:
-    """Images/s of training steps (forward, backward, SGD update) or of inference, on random data."""
+    """Images/s of training steps (forward, backward, SGD update) or of inference, on random data;
+    `reuse_memory` as training runs (heap.py), off for the plain-PyTorch baseline."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train(train)
@@ -91,7 +95,8 @@ def speed(
             loss.backward()
             opt.step()
 
-    return batch * _steps_per_second(step, steps, warmup)
+    with reuse_freed_memory() if reuse_memory else contextlib.nullcontext():
+        return batch * _steps_per_second(step, steps, warmup)
 
 
 def model_speeds(recipe_name: str) -> list[dict]:
@@ -116,7 +121,7 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
     train_flops = flops_per_image(model, input_size, train=True)
     infer_flops = flops_per_image(model, input_size, train=False)
     base = {
-        k: speed(model, batch, input_size, False, False, k == "train", steps)
+        k: speed(model, batch, input_size, False, False, k == "train", steps, reuse_memory=False)
         for k in ("train", "infer")
     }
     channels_last = use_channels_last(recipe["memory_format"], torch.device(DEVICE))
@@ -142,6 +147,99 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
         "train_gflop_per_s": ours["train"] * train_flops / 1e9,
         "matmul_peak_gflop_per_s": peak,
         "train_fraction_of_peak": ours["train"] * train_flops / 1e9 / peak,
+    }
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def _conv_cost(conv, shape, input_grad: bool, batch: int, dtype, fmt, repeats: int) -> dict:
+    """Best-of-`repeats` milliseconds of a convolution's forward, input-gradient (when its input
+    needs one in training) and weight-gradient (when its weight trains) passes."""
+    x = torch.randn(batch, *shape[1:], device=DEVICE, dtype=dtype).contiguous(memory_format=fmt)
+    w = conv.weight.detach().to(DEVICE, dtype).contiguous(memory_format=fmt)
+    k = conv.kernel_size
+    padding = [(k[0] - 1) // 2, (k[1] - 1) // 2] if conv.padding == "same" else list(conv.padding)
+    geometry = (list(conv.stride), padding, list(conv.dilation), False, [0, 0], conv.groups)
+    grad = torch.randn_like(torch.ops.aten.convolution(x, w, None, *geometry))
+    flops = 2 * grad.numel() * w[0].numel()  # multiply-adds of one pass, the same for all three
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(grad, x, w, None, *geometry, mask)
+
+    parts = {"forward": lambda: torch.ops.aten.convolution(x, w, None, *geometry)}
+    if input_grad:
+        parts["input_grad"] = backward([True, False, False])
+    if conv.weight.requires_grad:
+        parts["weight_grad"] = backward([False, True, False])
+    ms = {name: _best_ms(fn, repeats) for name, fn in parts.items()}
+    return {
+        "input": [batch, *shape[1:]],
+        "weight": list(w.shape),
+        "gflop_per_pass": flops / 1e9,
+        "ms": ms,
+        "tflop_per_s": {name: flops / t / 1e9 for name, t in ms.items()},
+    }
+
+
+def conv_costs(recipe_name: str, batch: int | None = None, size: int = 0, repeats: int = 5) -> dict:
+    """Where a training step's time goes: each convolution of the recipe's model timed alone
+    (forward, input gradient, weight gradient) in the recipe's precision and memory format, its
+    TFLOP/s, and the bound that follows: the fraction of the matmul peak a training step would
+    reach if everything but the convolutions took no time at all."""
+    recipe = config.load_recipe(recipe_name)
+    recipe = with_size(recipe, recipe["budget"]["sizes"][size] if size else {})
+    model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
+    input_size = int(pre["input_size"])
+    batch = batch or int(recipe["train"]["batch_size"])
+    bf16 = recipe["precision"] == "bf16" or (
+        recipe["precision"] == "auto" and torch.cuda.is_available()
+    )
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    fmt = (
+        torch.channels_last
+        if use_channels_last(recipe["memory_format"], torch.device(DEVICE))
+        else torch.contiguous_format
+    )
+    seen = []  # (conv, its input's shape, whether its input needs a gradient)
+
+    def record(conv, inputs, output):
+        seen.append((conv, tuple(inputs[0].shape), inputs[0].requires_grad))
+
+    hooks = [
+        m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    model.train()(torch.randn(2, 3, input_size, input_size))
+    for h in hooks:
+        h.remove()
+    with reuse_freed_memory():  # as in training
+        rows = [_conv_cost(*s, batch, dtype, fmt, repeats) for s in seen]
+
+    conv_flops = sum(r["gflop_per_pass"] * len(r["ms"]) for r in rows)
+    conv_ms = sum(sum(r["ms"].values()) for r in rows)
+    step_ms = batch / speed(model, batch, input_size, bf16, fmt == torch.channels_last, True) * 1e3
+    peak = matmul_peak(dtype)
+    return {
+        "recipe": recipe_name,
+        "batch": batch,
+        "precision": "bf16" if bf16 else "fp32",
+        "convolutions": rows,
+        "conv_gflop_per_step": conv_flops,
+        "conv_ms_per_step": conv_ms,
+        "train_step_ms": step_ms,
+        "conv_share_of_step": conv_ms / step_ms,
+        "matmul_peak_gflop_per_s": peak,
+        "step_fraction_of_peak": conv_flops / step_ms * 1e3 / peak,
+        "conv_only_bound_fraction_of_peak": conv_flops / conv_ms * 1e3 / peak,
     }
 
 

@@ -301,6 +301,7 @@ def cmd_recipes(args) -> None:
 
 def cmd_bench(args) -> None:
     from cifarlab import bench
+    from cifarlab.files import atomic_write_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +311,8 @@ def cmd_bench(args) -> None:
         }
     elif args.what == "data":
         result = {"results": [bench.data_speed(r) for r in args.recipes.split(",")]}
+    elif args.what == "convs":
+        result = {"results": [bench.conv_costs(r) for r in args.recipes.split(",")]}
     else:
         if not args.runs:
             raise UserError(
@@ -318,7 +321,7 @@ def cmd_bench(args) -> None:
         result = {"curves": {Path(r).name: bench.time_to_accuracy(Path(r)) for r in args.runs}}
         bench.plot_time_to_accuracy(result["curves"], out / "time_to_accuracy.png")
     path = out / f"bench-{args.what}.json"
-    path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(path, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"saved {path}", file=sys.stderr)
 
@@ -445,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="speed benchmarks with a plain-PyTorch baseline; time-to-accuracy"
     )
-    b.add_argument("what", choices=["speed", "data", "curve"])
+    b.add_argument("what", choices=["speed", "convs", "data", "curve"])
     b.add_argument("runs", nargs="*", help="run directories (for `curve`)")
     b.add_argument("--recipes", default="seed-cnn,fast", help="comma-separated recipes")
     b.add_argument("--out", default="bench/results", help="folder for the JSON and PNG")
