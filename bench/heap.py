@@ -1,25 +1,30 @@
 """Training steps of a recipe's model with glibc's default malloc against heap.reuse_freed_memory
-(what training uses), alternating in one process so machine noise hits both alike; page faults
-per step from getrusage. Usage: python bench/heap.py [RECIPE] [ROUNDS]"""
+(what training uses). Each measurement is its own process, the two settings alternating, so
+machine noise hits both alike; page faults per step from getrusage.
+Usage: python bench/heap.py [RECIPE] [ROUNDS]"""
 
 import contextlib
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
 from common import save
 
-from cifarlab import config
-from cifarlab.heap import reuse_freed_memory
-from cifarlab.models import build_model
 
+def one(recipe_name: str, reuse: bool, warmup: int = 3, steps: int = 6) -> dict:
+    """Images/s and page faults per step of training steps in this process."""
+    import torch
+    import torch.nn.functional as F
 
-def main(recipe_name: str = "fast", rounds: int = 5, steps: int = 4) -> dict:
+    from cifarlab import config
+    from cifarlab.heap import reuse_freed_memory
+    from cifarlab.models import build_model
+
     recipe = config.load_recipe(recipe_name)
-    model, pre = build_model(recipe["model"], 10, 32, pretrained=False)
+    model, _ = build_model(recipe["model"], 10, 32, pretrained=False)
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = int(recipe["train"]["batch_size"])
@@ -33,25 +38,29 @@ def main(recipe_name: str = "fast", rounds: int = 5, steps: int = 4) -> dict:
         loss.backward()
         opt.step()
 
-    rates = {"glibc default": [], "reuse_freed_memory": []}
-    faults = {k: [] for k in rates}
+    with reuse_freed_memory() if reuse else contextlib.nullcontext():
+        for _ in range(warmup):
+            step()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"images_per_s": steps * batch / seconds, "page_faults_per_step": faults / steps}
+
+
+def main(recipe_name: str, rounds: int) -> dict:
+    runs = {"glibc default": [], "reuse_freed_memory": []}
     for _ in range(rounds):
-        for name in rates:
-            with reuse_freed_memory() if name != "glibc default" else contextlib.nullcontext():
-                step()  # settle
-                start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                rates[name].append(steps * batch / (time.perf_counter() - start))
-                end_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                faults[name].append((end_faults - start_faults) / steps)
-    median = {k: statistics.median(v) for k, v in rates.items()}
+        for name in runs:
+            command = [sys.executable, __file__, "--one", recipe_name, str(name != "glibc default")]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[name].append(json.loads(output))
+    median = {k: statistics.median(r["images_per_s"] for r in v) for k, v in runs.items()}
     return {
         "recipe": recipe_name,
-        "batch": batch,
-        "images_per_s": rates,
-        "page_faults_per_step": faults,
+        "runs": runs,
         "median_images_per_s": median,
         "speedup": median["reuse_freed_memory"] / median["glibc default"],
     }
@@ -59,4 +68,7 @@ def main(recipe_name: str = "fast", rounds: int = 5, steps: int = 4) -> dict:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    save("heap", main(args[0] if args else "fast", int(args[1]) if len(args) > 1 else 5))
+    if args[:1] == ["--one"]:
+        print(json.dumps(one(args[1], args[2] == "True")))
+    else:
+        save("heap", main(args[0] if args else "fast", int(args[1]) if len(args) > 1 else 4))

@@ -4,9 +4,9 @@ PyTorch's CPU allocator takes every tensor from malloc and frees it when the ten
 serves blocks above its mmap threshold (32 MiB at most) with fresh pages from the kernel and
 unmaps them on free, so a training step, which frees and re-allocates the same big activation
 buffers every time, faults in and zeroes gigabytes of new pages per second: `fast` at batch 1024
-took ~110,000 page faults per step, a tenth of the step's CPU time spent in the kernel. With
+took 70,000-130,000 page faults per step and spent a tenth of its CPU time in the kernel. With
 mmap turned off and the heap never trimmed, malloc hands the freed blocks out again and a step
-takes no page faults at all (bench/results/heap.json: 1.2-1.3x faster training steps).
+takes no page faults at all (`python bench/heap.py`: 1.12x the training images/s of `fast`).
 
 The price: the process keeps its peak heap until the block ends (then it is trimmed). The heap
 needs a few steps to settle into reusable blocks; after that, a step maps no new pages. Other C
