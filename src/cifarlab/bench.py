@@ -23,25 +23,29 @@ from cifarlab.data import ImageSet
 from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
-from cifarlab.training import use_channels_last
+from cifarlab.training import use_bf16, use_channels_last
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul in `dtype` on the CPU (or current GPU)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
+def _best_ms(fn, repeats: int) -> float:
+    """Best of `repeats` timed calls of `fn`, after one untimed call."""
+    fn()
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
-        if device == "cuda":
+        fn()
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` on the CPU (or current GPU)."""
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    return 2 * n**3 / _best_ms(lambda: a @ b, repeats) / 1e6
 
 
 def flops_per_image(model: torch.nn.Module, input_size: int, train: bool) -> float:
@@ -79,7 +83,7 @@ def speed(
 ) -> float:
     """Images/s of training steps (forward, backward, SGD update) or of inference, on random data;
     `reuse_memory` as training runs (heap.py), off for the plain-PyTorch baseline."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train(train)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -105,19 +109,23 @@ def model_speeds(recipe_name: str) -> list[dict]:
     return [model_speed(recipe_name, size=i) for i in range(max(1, len(sizes)))]
 
 
-def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, size: int = 0) -> dict:
-    """Speed of a recipe's model (or of its budget size number `size`): cifarlab's settings (the
-    recipe's precision, channels_last) against the plain eager fp32 baseline, with FLOPs and
-    achieved GFLOP/s."""
+def _sized_model(recipe_name: str, size: int) -> tuple[dict, dict, torch.nn.Module, int, bool]:
+    """The recipe with budget size number `size` applied, the settings of that size, its model,
+    the model's input size and whether it trains in bf16 on this machine."""
     recipe = config.load_recipe(recipe_name)
     settings = recipe["budget"]["sizes"][size] if size else {}
     recipe = with_size(recipe, settings)
     model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
-    input_size = int(pre["input_size"])
+    bf16 = use_bf16(recipe["precision"], torch.device(DEVICE))
+    return recipe, settings, model, int(pre["input_size"]), bf16
+
+
+def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, size: int = 0) -> dict:
+    """Speed of a recipe's model (or of its budget size number `size`): cifarlab's settings (the
+    recipe's precision, channels_last) against the plain eager fp32 baseline, with FLOPs and
+    achieved GFLOP/s."""
+    recipe, settings, model, input_size, bf16 = _sized_model(recipe_name, size)
     batch = batch or int(recipe["train"]["batch_size"])
-    bf16 = recipe["precision"] == "bf16" or (
-        recipe["precision"] == "auto" and torch.cuda.is_available()
-    )
     train_flops = flops_per_image(model, input_size, train=True)
     infer_flops = flops_per_image(model, input_size, train=False)
     peak_before = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
@@ -150,18 +158,6 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
         "matmul_peak_gflop_per_s": peak,
         "train_fraction_of_peak": ours["train"] * train_flops / 1e9 / peak,
     }
-
-
-def _best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def _conv_cost(conv, shape, input_grad: bool, batch: int, dtype, fmt, repeats: int) -> dict:
@@ -198,14 +194,8 @@ def conv_costs(recipe_name: str, batch: int | None = None, size: int = 0, repeat
     (forward, input gradient, weight gradient) in the recipe's precision and memory format, its
     TFLOP/s, and the bound that follows: the fraction of the matmul peak a training step would
     reach if everything but the convolutions took no time at all."""
-    recipe = config.load_recipe(recipe_name)
-    recipe = with_size(recipe, recipe["budget"]["sizes"][size] if size else {})
-    model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
-    input_size = int(pre["input_size"])
+    recipe, _, model, input_size, bf16 = _sized_model(recipe_name, size)
     batch = batch or int(recipe["train"]["batch_size"])
-    bf16 = recipe["precision"] == "bf16" or (
-        recipe["precision"] == "auto" and torch.cuda.is_available()
-    )
     dtype = torch.bfloat16 if bf16 else torch.float32
     fmt = (
         torch.channels_last
