@@ -138,3 +138,37 @@ def test_a_budget_size_may_not_change_the_data(tiny_folder, tiny_fast_recipe, tm
             budget="10s",
             overrides={"budget.sizes": [{}, {"data.image_size": 16}]},
         )
+
+
+def test_replan_counts_a_compiled_first_epoch_as_time_spent_not_as_a_rate():
+    from cifarlab.budget import MARGIN, Plan
+
+    plan = Plan(budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
+    rows = [{"phase": "train", "seconds": 18.0}]  # 17 s of it was torch.compile
+    room = 100 * (1 - MARGIN) - 19.0
+    recipe = {"train": {"epochs": 80, "warmup_epochs": 18.4}, "phases": []}
+    steps = plan.replan(recipe, 0, 1, 10, rows, elapsed_s=19.0, log=print, one_off_first=True)
+    assert steps == round((1 + room / 1.0) * 10)  # the planned rate, less the time spent
+    recipe = {"train": {"epochs": 80, "warmup_epochs": 18.4}, "phases": []}
+    steps = plan.replan(recipe, 0, 1, 10, rows, elapsed_s=19.0, log=print)
+    assert steps == round((1 + room / 18.0) * 10)  # taken as a rate it would cut the run short
+    rows += [{"phase": "train", "seconds": 2.0}] * 2  # later epochs set the rate
+    recipe = {"train": {"epochs": 80, "warmup_epochs": 18.4}, "phases": []}
+    steps = plan.replan(recipe, 0, 3, 10, rows, elapsed_s=23.0, log=print, one_off_first=True)
+    assert steps == round((3 + (100 * (1 - MARGIN) - 23.0) / 2.0) * 10)
+
+
+def test_replan_keeps_the_warmups_share_until_it_is_over():
+    from cifarlab.budget import Plan
+
+    plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
+    recipe = {"train": {"epochs": 10, "warmup_epochs": 2.3}, "phases": []}
+    rows = [{"phase": "train", "seconds": 20.0}]  # twice as slow: the run shrinks to ~4.9 epochs
+    plan.replan(recipe, 0, 1, 10, rows, elapsed_s=20.0, log=print)
+    train = recipe["train"]
+    assert train["epochs"] < 5
+    assert train["warmup_epochs"] / train["epochs"] == pytest.approx(0.23, abs=1e-3)
+    recipe = {"train": {"epochs": 10, "warmup_epochs": 2.3}, "phases": []}
+    rows = [{"phase": "train", "seconds": 20.0}] * 3
+    plan.replan(recipe, 0, 3, 10, rows, elapsed_s=60.0, log=print)  # the LR peaked at 2.3
+    assert recipe["train"]["warmup_epochs"] == 2.3

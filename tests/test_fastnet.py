@@ -24,6 +24,18 @@ def test_forward_shape():
     assert FastNet(7, widths=(8, 16, 16))(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
+def test_depth_sets_the_convolutions_per_block_from_the_recipe():
+    def convs(net):
+        return [sum(isinstance(m, torch.nn.Conv2d) for m in block) for block in net.blocks]
+
+    deep, _ = build_model({"name": "fastnet", "widths": [8, 16, 32], "depth": 3}, 10, 32)
+    assert convs(deep) == [3, 3, 3]
+    assert deep(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    plain = FastNet(10, widths=(8, 16, 32))
+    assert convs(plain) == [2, 2, 2]  # checkpoints of the default depth keep their names
+    assert "blocks.2.4.weight" in plain.state_dict()
+
+
 def test_flop_count_of_a_linear_model():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10, bias=False))
     assert flops_per_image(model, 4, train=False) == 2 * 48 * 10

@@ -23,7 +23,7 @@ from cifarlab.data import ImageSet
 from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
-from cifarlab.training import use_bf16, use_channels_last
+from cifarlab.training import use_bf16, use_channels_last, use_compile
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,8 +41,10 @@ def _best_ms(fn, repeats: int) -> float:
     return min(times) * 1e3
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul in `dtype` on the CPU (or current GPU)."""
+def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` on the CPU (n 2048) or the current GPU (8192:
+    a GPU needs large products to reach its peak)."""
+    n = n or (8192 if DEVICE == "cuda" else 2048)
     a = torch.randn(n, n, device=DEVICE, dtype=dtype)
     b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     return 2 * n**3 / _best_ms(lambda: a @ b, repeats) / 1e6
@@ -80,19 +82,22 @@ def speed(
     steps: int = 10,
     warmup: int = 3,
     reuse_memory: bool = True,
+    compile: bool = False,
 ) -> float:
     """Images/s of training steps (forward, backward, SGD update) or of inference, on random data;
-    `reuse_memory` as training runs (heap.py), off for the plain-PyTorch baseline."""
+    `reuse_memory` as training runs (heap.py), off for the plain-PyTorch baseline; `compile` as
+    training runs on CUDA (the compile happens in the untimed warm-up steps)."""
     device = DEVICE
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train(train)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    net = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
         with torch.set_grad_enabled(train), torch.autocast(device, torch.bfloat16, enabled=bf16):
-            out = model(x)
+            out = net(x)
         if train:
             loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -134,8 +139,10 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
         for k in ("train", "infer")
     }
     channels_last = use_channels_last(recipe["memory_format"], torch.device(DEVICE))
+    compiled = use_compile(recipe["compile"], torch.device(DEVICE))
     ours = {
-        k: speed(model, batch, input_size, bf16, channels_last, k == "train", steps)
+        k: speed(model, batch, input_size, bf16, channels_last, k == "train", steps,
+                 compile=compiled and k == "train")  # fmt: skip
         for k in ("train", "infer")
     }
     # the best peak seen before and after: a slow moment of a shared machine must not flatter
@@ -146,6 +153,7 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
         "input_size": input_size,
         "batch": batch,
         "precision": "bf16" if bf16 else "fp32",
+        "compiled": compiled,
         "train_gflops_per_image": train_flops / 1e9,
         "infer_gflops_per_image": infer_flops / 1e9,
         "train_images_per_s": ours["train"],
@@ -296,15 +304,17 @@ def plot_time_to_accuracy(curves: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    longest = max((p["seconds"] for points in curves.values() for p in points), default=0)
+    unit, scale = ("minutes", 60) if longest > 300 else ("seconds", 1)  # a GPU's runs are short
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in curves.items():
         ax.plot(
-            [p["seconds"] / 60 for p in points],
+            [p["seconds"] / scale for p in points],
             [p["val_accuracy"] for p in points],
             marker=".",
             label=name,
         )
-    ax.set_xlabel("training time (minutes)")
+    ax.set_xlabel(f"training time ({unit})")
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
     ax.legend()

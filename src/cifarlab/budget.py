@@ -125,19 +125,24 @@ class Plan:
         history: list[dict],
         elapsed_s: float,
         log,
+        one_off_first: bool = False,
     ) -> int:
         """After an epoch of phase `phase`: rescale what is left of every phase by the ratio of
         the measured to the planned epoch time, so that the run still ends on time. Returns the
         phase's new length in steps (never less than what is done, and a finished phase stays
-        finished, so the LR schedule never jumps back up)."""
+        finished, so the LR schedule never jumps back up). A warm-up still under way keeps its
+        share of the phase. `one_off_first`: the phase's first epoch held one-time costs
+        (torch.compile, a feature cache), so its time counts as spent but not as a rate."""
         phases = config.phases(recipe)
         name = phases[phase]["name"]
         done_steps = epochs_done * steps_per_epoch
         horizon = max(1, round(float(phases[phase]["epochs"]) * steps_per_epoch))
         if done_steps >= horizon:
             return horizon
-        recent = sorted([r["seconds"] for r in history if r["phase"] == name][-epochs_done:][-3:])
-        measured = recent[len(recent) // 2]  # the median of the last 3: one stalled epoch is noise
+        times = [r["seconds"] for r in history if r["phase"] == name][-epochs_done:]
+        recent = sorted((times[1:] if one_off_first else times)[-3:])
+        # the median of the last 3 (one stalled epoch is noise); none yet: the planned rate
+        measured = recent[len(recent) // 2] if recent else self.epoch_seconds[phase]
         ratio = measured / self.epoch_seconds[phase]
         left = [float(phases[phase]["epochs"]) - epochs_done] + [
             float(p["epochs"]) for p in phases[phase + 1 :]
@@ -147,9 +152,13 @@ class Plan:
         factor = max(0.0, room) / need if need > 0 else 1.0
         new_epochs = epochs_done + left[0] * factor
         steps = max(done_steps + 1, round(new_epochs * steps_per_epoch))
-        _set_epochs(recipe, phase, round(steps / steps_per_epoch, 3))
+        _set(recipe, phase, "epochs", round(steps / steps_per_epoch, 3))
+        warmup = float(phases[phase].get("warmup_epochs", 0))
+        if epochs_done < warmup:  # the LR's peak moves with the phase's end
+            stretch = steps / horizon
+            _set(recipe, phase, "warmup_epochs", round(max(epochs_done, warmup * stretch), 3))
         for i in range(phase + 1, len(phases)):
-            _set_epochs(recipe, i, round(float(phases[i]["epochs"]) * factor, 3))
+            _set(recipe, i, "epochs", round(float(phases[i]["epochs"]) * factor, 3))
         if abs(steps - horizon) > 0.01 * horizon:
             log(
                 f"budget: epochs take {measured:.1f}s, not {self.epoch_seconds[phase]:.1f}s; "
@@ -158,11 +167,12 @@ class Plan:
         return steps
 
 
-def _set_epochs(recipe: dict, phase: int, epochs: float) -> None:
+def _set(recipe: dict, phase: int, key: str, value: float) -> None:
+    """Set a phase's schedule key (`epochs`, `warmup_epochs`) in the recipe."""
     if recipe["phases"]:
-        recipe["phases"][phase]["epochs"] = epochs
+        recipe["phases"][phase][key] = value
     else:
-        recipe["train"]["epochs"] = epochs
+        recipe["train"][key] = value
 
 
 def plan(

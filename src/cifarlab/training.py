@@ -260,14 +260,15 @@ def fit(
             else None
         )
         batches, net = (cache, model.head) if cache else (train_loader, model)
-        if use_compile(recipe["compile"], device):
+        compiled = use_compile(recipe["compile"], device)
+        if compiled:
             net = torch.compile(net)  # the same parameters: checkpoints and averaging see them
         pending_seconds = cache.seconds if cache else 0.0  # counted in the first epoch's time
         # the schedule's length in steps; a budgeted run may re-plan it after each epoch
         horizon = [max(1, round(float(phase["epochs"]) * len(train_loader)))]
-        warmup = int(float(phase["warmup_epochs"]) * len(train_loader))
+        warmup = [int(float(phase["warmup_epochs"]) * len(train_loader))]
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s, _h=horizon, _w=warmup, _s=phase["schedule"]: lr_factor(s, _h[0], _w, _s)
+            opt, lambda s, _h=horizon, _w=warmup, _s=phase["schedule"]: lr_factor(s, _h[0], _w[0], _s)
         )
         lookahead = Lookahead(model, float(phase["lookahead"])) if phase["lookahead"] else None
         ema = (
@@ -318,13 +319,17 @@ def fit(
                 if lookahead is not None:
                     lookahead.step(epoch * len(train_loader) + i + 1, horizon[0])
                 n = len(x)
-                loss_sum += loss.item() * n
-                correct += (logits.argmax(1) == y.argmax(1)).sum().item()
+                loss_sum += loss.detach() * n  # summed on the device: no GPU sync per step
+                correct += (logits.argmax(1) == y.argmax(1)).sum()
                 seen += n
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False
-                )
+                if i % 16 == 0:
+                    bar.set_postfix(
+                        loss=f"{float(loss_sum) / seen:.3f}",
+                        acc=f"{float(correct) / seen:.3f}",
+                        refresh=False,
+                    )
             bar.close()
+            loss_sum, correct = float(loss_sum), float(correct)
             train_time = time.perf_counter() - t0
             scored = ema.module if ema is not None else model
             val_probs = (
@@ -365,8 +370,9 @@ def fit(
             if planned is not None and not stop:  # re-plan from this phase's measured epochs
                 horizon[0] = planned.replan(
                     recipe, p_i, epoch + 1, len(train_loader), state["history"],
-                    time.perf_counter() - started, log,
+                    time.perf_counter() - started, log, one_off_first=compiled or cache is not None,
                 )  # fmt: skip
+                warmup[0] = int(float(config.phases(recipe)[p_i]["warmup_epochs"]) * len(train_loader))
                 epochs = math.ceil(horizon[0] / len(train_loader))
                 atomic_write_text(out / "config.yaml", config.dump(recipe))
             last = epoch + 1 >= epochs or stop

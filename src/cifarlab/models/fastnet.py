@@ -3,7 +3,8 @@ published CIFAR-10 trainings (Page's Myrtle ResNet, hlb-CIFAR10, Jordan's airben
 
 - a frozen first layer that whitens 2x2 patches (its filters are the eigenvectors of the patch
   covariance of the training images, and their negatives), so the net starts from decorrelated input;
-- three blocks of conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU, widths growing fast;
+- three blocks of conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU (`depth` convolutions per
+  block, 2 by default), widths growing fast;
 - BatchNorm without a learned scale, with a high momentum suited to short training;
 - global max pooling and a linear classifier with a small output scale;
 - a much larger learning rate for the BN biases than for the filters (`bias_lr_scale`).
@@ -31,16 +32,13 @@ def conv(c_in: int, c_out: int) -> nn.Conv2d:
 
 
 class Block(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__(
-            conv(c_in, c_out),
-            nn.MaxPool2d(2),
-            BatchNorm(c_out),
-            nn.GELU(),
-            conv(c_out, c_out),
-            BatchNorm(c_out),
-            nn.GELU(),
-        )
+    """conv -> max-pool -> BN -> GELU, then `depth - 1` times conv -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, depth: int = 2):
+        layers = [conv(c_in, c_out), nn.MaxPool2d(2), BatchNorm(c_out), nn.GELU()]
+        for _ in range(depth - 1):
+            layers += [conv(c_out, c_out), BatchNorm(c_out), nn.GELU()]
+        super().__init__(*layers)
 
 
 class FastNet(nn.Module):
@@ -48,6 +46,7 @@ class FastNet(nn.Module):
         self,
         num_classes: int,
         widths: tuple[int, int, int] = (64, 256, 256),
+        depth: int = 2,
         whiten_width: int = 24,
         whiten_kernel: int = 2,
         scale: float = 1 / 9,
@@ -57,7 +56,7 @@ class FastNet(nn.Module):
         self.whiten = nn.Conv2d(3, whiten_width, whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.blocks = nn.Sequential(
-            Block(whiten_width, widths[0]), Block(widths[0], widths[1]), Block(widths[1], widths[2])
+            *(Block(c_in, c_out, depth) for c_in, c_out in zip([whiten_width, *widths], widths))
         )
         self.classifier = nn.Linear(widths[2], num_classes, bias=False)
         self.scale = scale
