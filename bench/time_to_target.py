@@ -14,16 +14,15 @@ plot shows these steady curves; per-epoch points are plain accuracy, the final o
 """
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from common import RESULTS, save
 
 import cifarlab
-from cifarlab.bench import plot_time_to_accuracy, time_to_accuracy
+from cifarlab.bench import plot_time_to_accuracy, steady_curve, time_to_accuracy
+from cifarlab.config import parse_override
 
 
 def parse_args():
@@ -36,17 +35,6 @@ def parse_args():
     p.add_argument("--name", default=None)
     p.add_argument("--runs", default=None, help="keep the run directories here")
     return p.parse_args()
-
-
-def epoch_seconds(curve: list[dict]) -> list[float]:
-    return [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0}] + curve, curve)]
-
-
-def steady(curve: list[dict]) -> list[dict]:
-    """The curve with the first epoch at the median epoch's time (no compile)."""
-    times = epoch_seconds(curve)
-    extra = max(0.0, times[0] - statistics.median(times))
-    return [{**p, "seconds": p["seconds"] - extra} for p in curve]
 
 
 def one_run(args, epochs: float, overrides: dict, runs: Path) -> dict:
@@ -65,8 +53,7 @@ def one_run(args, epochs: float, overrides: dict, runs: Path) -> dict:
         "epochs": epochs,
         "val_accuracy": result["val"]["accuracy"],
         "train_seconds": curve[-1]["seconds"],
-        "steady_seconds": steady(curve)[-1]["seconds"],
-        "median_epoch_seconds": statistics.median(epoch_seconds(curve)),
+        "steady_seconds": steady_curve(curve)[-1]["seconds"],
         "wall_seconds": wall,
         "curve": curve,
     }
@@ -74,10 +61,7 @@ def one_run(args, epochs: float, overrides: dict, runs: Path) -> dict:
 
 def main():
     args = parse_args()
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+    overrides = dict(parse_override(item) for item in args.set)
     name = args.name or args.recipe
     runs = Path(args.runs or tempfile.mkdtemp(prefix="time_to_target-"))
     rows = []
@@ -97,7 +81,7 @@ def main():
                 "curves": curves,
             },
         )
-        steady_curves = {k: steady(v) for k, v in curves.items()}
+        steady_curves = {k: steady_curve(v) for k, v in curves.items()}
         plot_time_to_accuracy(steady_curves, RESULTS / f"time_to_target-{name}.png")
 
 

@@ -172,3 +172,16 @@ def test_replan_keeps_the_warmups_share_until_it_is_over():
     rows = [{"phase": "train", "seconds": 20.0}] * 3
     plan.replan(recipe, 0, 3, 10, rows, elapsed_s=60.0, log=print)  # the LR peaked at 2.3
     assert recipe["train"]["warmup_epochs"] == 2.3
+
+
+def test_replan_rates_epochs_by_the_wall_time_between_replans():
+    from cifarlab.budget import MARGIN, Plan
+
+    plan = Plan(budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
+    recipe = {"train": {"epochs": 90, "warmup_epochs": 0}, "phases": []}
+    rows, elapsed = [], 5.0
+    for epoch in range(1, 5):  # 1 s of training and validation, 0.5 s of checkpoints and logs
+        rows.append({"phase": "train", "seconds": 1.0})
+        elapsed += 1.5
+        steps = plan.replan(recipe, 0, epoch, 10, rows, elapsed_s=elapsed, log=print)
+    assert steps == round((4 + (100 * (1 - MARGIN) - elapsed) / 1.5) * 10)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cifarlab.bench import flops_per_image, time_to_accuracy
+from cifarlab.bench import flops_per_image, steady_curve, time_to_accuracy
 from cifarlab.models import build_model
 from cifarlab.models.fastnet import FastNet
 
@@ -108,3 +108,12 @@ def test_conv_costs_account_for_every_convolution_pass(tiny_fast_recipe, capsys)
     counted = flops_per_image(model, 32, train=True) - classifier
     assert result["conv_gflop_per_step"] * 1e9 / 4 == pytest.approx(counted, rel=1e-6)
     assert 0 < result["step_fraction_of_peak"] < result["conv_only_bound_fraction_of_peak"]
+
+
+def test_steady_curve_takes_the_compile_out_of_the_first_epoch_only():
+    curve = [
+        {"seconds": s, "val_accuracy": 0.1 * i} for i, s in enumerate([15.0, 16.0, 17.0, 18.0])
+    ]
+    assert [p["seconds"] for p in steady_curve(curve)] == [1.0, 2.0, 3.0, 4.0]
+    even = [{"seconds": s, "val_accuracy": 0.5} for s in (1.0, 2.0, 3.0)]
+    assert steady_curve(even) == even  # nothing to take out

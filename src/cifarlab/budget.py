@@ -115,6 +115,8 @@ class Plan:
     def __init__(self, budget_s: float, epoch_seconds: list[float], final_s: float, resized: bool):
         self.budget_s, self.epoch_seconds, self.final_s = budget_s, epoch_seconds, final_s
         self.resized = resized  # a larger size of the recipe was chosen
+        self.walls: dict[tuple[int, int], float] = {}  # (phase, epoch): seconds between re-plans
+        self._last: tuple[int, int, float] | None = None
 
     def replan(
         self,
@@ -132,14 +134,21 @@ class Plan:
         phase's new length in steps (never less than what is done, and a finished phase stays
         finished, so the LR schedule never jumps back up). A warm-up still under way keeps its
         share of the phase. `one_off_first`: the phase's first epoch held one-time costs
-        (torch.compile, a feature cache), so its time counts as spent but not as a rate."""
+        (torch.compile, a feature cache), so its time counts as spent but not as a rate.
+        An epoch's time is the wall time since the last re-plan (checkpoints and logs included:
+        on a GPU they are a large part of a short epoch), else its `seconds` in `history`."""
+        if self._last is not None and self._last[:2] == (phase, epochs_done - 1):
+            self.walls[phase, epochs_done] = elapsed_s - self._last[2]
+        self._last = (phase, epochs_done, elapsed_s)
         phases = config.phases(recipe)
         name = phases[phase]["name"]
         done_steps = epochs_done * steps_per_epoch
         horizon = max(1, round(float(phases[phase]["epochs"]) * steps_per_epoch))
         if done_steps >= horizon:
             return horizon
-        times = [r["seconds"] for r in history if r["phase"] == name][-epochs_done:]
+        rows = [r["seconds"] for r in history if r["phase"] == name][-epochs_done:]
+        first = epochs_done - len(rows) + 1  # the epoch number of rows[0]
+        times = [self.walls.get((phase, first + i), s) for i, s in enumerate(rows)]
         recent = sorted((times[1:] if one_off_first else times)[-3:])
         # the median of the last 3 (one stalled epoch is noise); none yet: the planned rate
         measured = recent[len(recent) // 2] if recent else self.epoch_seconds[phase]

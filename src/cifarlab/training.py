@@ -268,7 +268,8 @@ def fit(
         horizon = [max(1, round(float(phase["epochs"]) * len(train_loader)))]
         warmup = [int(float(phase["warmup_epochs"]) * len(train_loader))]
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s, _h=horizon, _w=warmup, _s=phase["schedule"]: lr_factor(s, _h[0], _w[0], _s)
+            opt,
+            lambda s, _h=horizon, _w=warmup, _s=phase["schedule"]: lr_factor(s, _h[0], _w[0], _s),
         )
         lookahead = Lookahead(model, float(phase["lookahead"])) if phase["lookahead"] else None
         ema = (
@@ -372,7 +373,9 @@ def fit(
                     recipe, p_i, epoch + 1, len(train_loader), state["history"],
                     time.perf_counter() - started, log, one_off_first=compiled or cache is not None,
                 )  # fmt: skip
-                warmup[0] = int(float(config.phases(recipe)[p_i]["warmup_epochs"]) * len(train_loader))
+                warmup[0] = int(
+                    float(config.phases(recipe)[p_i]["warmup_epochs"]) * len(train_loader)
+                )
                 epochs = math.ceil(horizon[0] / len(train_loader))
                 atomic_write_text(out / "config.yaml", config.dump(recipe))
             last = epoch + 1 >= epochs or stop

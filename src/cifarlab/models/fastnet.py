@@ -56,7 +56,7 @@ class FastNet(nn.Module):
         self.whiten = nn.Conv2d(3, whiten_width, whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.blocks = nn.Sequential(
-            *(Block(c_in, c_out, depth) for c_in, c_out in zip([whiten_width, *widths], widths))
+            *(Block(c, w, depth) for c, w in zip([whiten_width, *widths[:-1]], widths, strict=True))
         )
         self.classifier = nn.Linear(widths[2], num_classes, bias=False)
         self.scale = scale
