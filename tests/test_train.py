@@ -68,7 +68,7 @@ def test_kill_9_then_resume_matches_clean_run(tmp_path):
     tiny_folder = make_folder(tmp_path / "data", per_class=100)
     recipe = tmp_path / "slow.yaml"
     recipe.write_text(
-        "name: slow\nmodel: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
+        "name: slow\nprecision: fp32\nmemory_format: contiguous\nmodel: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
         "data: {val_fraction: 0.25}\naugment: {flip: true, translate: 2}\n"
         "train: {epochs: 4, batch_size: 4, lr: 0.003}\n"
     )

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 import time
 
 import torch
-import torch.nn.functional as F
 
 from cifarlab import config
 from cifarlab.errors import UserError
 from cifarlab.metrics import tta_views
+from cifarlab.runtime import probe_batch
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
+OVERHEAD = 0.03  # fraction of the budget that start-up (precision check, planning) may take
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -40,8 +42,12 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
-def time_steps(model, loader, phase: dict, bf16: bool, steps: int = 8, warmup: int = 3) -> float:
-    """Seconds per training step of `phase` on `loader`, on a copy of the model."""
+def time_steps(model, loader, phase: dict, bf16: bool, steps: int = 2, warmup: int = 1) -> float:
+    """Seconds per training step of `phase` on `loader` (the run's own data path and training
+    step), on a copy of the model. The loader may serve smaller batches than training does:
+    the caller scales the time to the real batch."""
+    from cifarlab.step import train_step
+
     model = copy.deepcopy(model).train()
     if hasattr(model, "set_trainable"):
         model.set_trainable(phase["freeze"])
@@ -51,24 +57,19 @@ def time_steps(model, loader, phase: dict, bf16: bool, steps: int = 8, warmup: i
     batches = itertools.chain.from_iterable(loader.epoch(seed=12345 + e) for e in itertools.count())
     for i in range(warmup + steps):
         if i == warmup:
+            _sync(next(model.parameters()).device)
             start = time.perf_counter()
         x, y = next(batches)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y, bf16)
     _sync(x.device)
     torch.set_rng_state(rng)
     return (time.perf_counter() - start) / steps
 
 
 @torch.no_grad()
-def time_eval(model, loader, bf16: bool, batches: int = 3) -> float:
-    """Seconds per validation batch."""
+def time_eval(model, x: torch.Tensor, bf16: bool, batches: int = 1) -> float:
+    """Seconds per forward pass of batch `x` in eval mode, on a copy of the model."""
     model = copy.deepcopy(model).eval()
-    it = loader.epoch()
-    x, _ = next(it)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         model(x)
         start = time.perf_counter()
@@ -184,9 +185,35 @@ def _set(recipe: dict, phase: int, key: str, value: float) -> None:
         recipe["train"][key] = value
 
 
+def overhead_allowance(budget_s: float) -> float:
+    """Seconds a budgeted run may spend before its first real training step (precision check,
+    planning): 3% of the budget, at least 20 s."""
+    return max(OVERHEAD * budget_s, 20.0)
+
+
+def expected_accuracy(points: dict, epochs: float) -> float:
+    """Held-out accuracy expected after `epochs`, from a size's measured {epochs: accuracy}:
+    linear in log(epochs) between points; below the first, the first segment's slope carried
+    on; above the last, the last value (no gain is claimed that was not measured)."""
+    xs = sorted((float(k), float(v)) for k, v in points.items())
+    if epochs <= 0 or not xs:
+        return 0.0
+    if len(xs) == 1:
+        x0, y0 = xs[0]
+        return y0 if epochs >= x0 else max(0.0, y0 - 0.05 * math.log2(x0 / epochs))
+    if epochs >= xs[-1][0]:
+        return xs[-1][1]
+    (x0, y0), (x1, y1) = xs[0], xs[1]
+    for a, b in itertools.pairwise(xs):
+        if epochs <= b[0]:
+            (x0, y0), (x1, y1) = a, b
+            break
+    slope = (y1 - y0) / (math.log(x1) - math.log(x0))
+    return max(0.0, y0 + slope * (math.log(epochs) - math.log(x0)))
+
+
 def plan(
     recipe: dict,
-    phases: list[dict],
     model,
     loader_for,
     val_loader,
@@ -195,58 +222,94 @@ def plan(
     elapsed_s,
     log,
     build=None,
+    overhead_s: float = 0.0,
 ) -> Plan:
     """Rewrite the recipe's epochs (train.epochs and each phase's) to fill the budget, and, when
-    the recipe lists `budget.sizes` (settings from small to large, the first being the recipe as
-    written), apply the largest that still trains `budget.min_epochs` epochs. `loader_for(phase)` gives a phase's training loader, `build(cfg)`
-    a model (on the device, in the run's memory format) from a model config, `elapsed_s()` the
-    seconds spent so far."""
-    t_eval = time_eval(model, val_loader, bf16)
-    final = 5.0  # plots, checkpoints, report
+    the recipe lists `budget.sizes` (settings, as --set keys; `{}` is the recipe as written),
+    apply the one expected to give the best held-out accuracy in the epochs it can afford, from
+    the measured table `budget.accuracy` (one {epochs: accuracy} per size); without a table,
+    the largest (last) size that still trains `budget.min_epochs`.
 
-    def cost(candidate) -> tuple[list[float], float]:
-        tta = int(recipe["train"]["eval_tta"])
+    Every size is timed with a few small batches of the run's own data path and step, scaled
+    to the real batch; the re-planning after each epoch corrects the estimate. Timing stops once
+    the run has spent its overhead allowance (`overhead_s` already went on other start-up).
+    `loader_for(phase, batch=None)` gives a phase's training loader, `build(cfg)` a model (on the
+    device, in the run's memory format) from a model config, `elapsed_s()` the seconds spent so
+    far."""
+    started = time.perf_counter()
+    deadline = started + max(1.0, overhead_allowance(budget_s) - overhead_s)
+    final = 5.0  # plots, checkpoints, report
+    tta = int(recipe["train"]["eval_tta"])
+    val_batch = next(val_loader.epoch())[0]
+    probe = probe_batch(val_loader.input_size, len(val_batch))
+
+    def cost(candidate, phases) -> tuple[list[float], float]:
+        t_eval = time_eval(candidate, val_batch[:probe], bf16) * len(val_batch) / probe
+        evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
         seconds = []
         for phase in phases:
-            loader = loader_for(phase)
-            evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
-            seconds.append(
-                time_steps(candidate, loader, phase, bf16) * len(loader) + t_eval * evals
-            )
+            batch = int(phase["batch_size"])
+            small = probe_batch(val_loader.input_size, batch)
+            step = time_steps(candidate, loader_for(phase, small), phase, bf16) * batch / small
+            seconds.append(step * len(loader_for(phase)) + t_eval * evals)
         return seconds, final + t_eval * len(val_loader) * _views(tta)
 
-    def factor_of(seconds, fixed) -> float:
-        return scale_epochs(phases, seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
-
-    epoch_seconds, fixed = cost(model)
-    factor, chosen = factor_of(epoch_seconds, fixed), 0
-    sizes, least = recipe["budget"]["sizes"], float(recipe["budget"]["min_epochs"])
+    sizes = recipe["budget"]["sizes"] or [{}]
+    table = recipe["budget"]["accuracy"]
     for size in sizes:
         with_size(recipe, size)  # a bad key fails before any timing
-    for i, size in enumerate(sizes[1:], 1):  # sizes[0] is the recipe as written
-        if sum(float(p["epochs"]) * factor for p in phases) < least:
-            break  # a larger model would get even fewer epochs
-        seconds, extra = cost(build(with_size(recipe, size)["model"]))
-        f = factor_of(seconds, extra)
-        if sum(float(p["epochs"]) * f for p in phases) < least:
+    timed: dict[str, tuple[list[float], float]] = {}
+    options = []  # (size index, epoch seconds, fixed seconds, planned epochs)
+    for i, size in enumerate(sizes):
+        if options and time.perf_counter() > deadline:
+            log(f"budget: timing stopped before size {i + 1} of {len(sizes)} (overhead allowance)")
             break
-        epoch_seconds, fixed, factor, chosen = seconds, extra, f, i
-    if chosen:
-        recipe.update(with_size(recipe, sizes[chosen]))
-    factor = factor_of(epoch_seconds, fixed)  # the time spent timing the sizes counts too
+        sized = with_size(recipe, size)
+        key = repr(sized["model"])
+        if key not in timed:
+            same = sized["model"] == recipe["model"]
+            timed[key] = cost(model if same else build(sized["model"]), config.phases(sized))
+        seconds, fixed = timed[key]
+        phases = config.phases(sized)
+        room = budget_s * (1 - MARGIN) - elapsed_s() - fixed
+        planned = sum(float(p["epochs"]) * s for p, s in zip(phases, seconds, strict=True))
+        epochs = sum(float(p["epochs"]) for p in phases) * max(0.0, room) / planned
+        options.append((i, seconds, fixed, epochs))
+    if table:
+        score = {i: expected_accuracy(table[i], e) for i, _, _, e in options}
+        chosen = max(options, key=lambda o: (score[o[0]], -o[0]))
+    else:  # sizes from small to large: the largest that still gets min_epochs
+        least = float(recipe["budget"]["min_epochs"])
+        fits = [o for o in options if o[3] >= least]
+        chosen = fits[-1] if fits else options[0]
+    i, epoch_seconds, fixed, _ = chosen
+    if sizes[i]:
+        recipe.update(with_size(recipe, sizes[i]))
+    phases = config.phases(recipe)
+    factor = scale_epochs(phases, epoch_seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
     recipe["train"]["epochs"] = round(float(recipe["train"]["epochs"]) * factor, 3)
     recipe["train"]["warmup_epochs"] = round(float(recipe["train"]["warmup_epochs"]) * factor, 3)
     for p in recipe["phases"]:
         for key in ("epochs", "warmup_epochs"):
             if key in p:
                 p[key] = round(float(p[key]) * factor, 3)
-    planned = [round(p["epochs"] * factor, 2) for p in phases]
-    size_note = f"; model size {chosen + 1} of {len(sizes)}: {sizes[chosen]}" if sizes else ""
+    planned = [round(float(p["epochs"]) * factor, 2) for p in phases]
+    if len(sizes) > 1:
+        log(
+            "budget: sizes "
+            + "; ".join(
+                f"{n + 1}) {sum(s):.1f}s/epoch, {e:.1f} epochs"
+                + (f", expect {score[n]:.1%}" if table else "")
+                for n, s, _, e in options
+            )
+        )
+    size_note = f"; size {i + 1} of {len(sizes)}: {sizes[i]}" if len(sizes) > 1 else ""
     log(
-        f"budget {budget_s:.0f}s: measured {', '.join(f'{s:.1f}s' for s in epoch_seconds)} per epoch; "
+        f"budget {budget_s:.0f}s: planned in {time.perf_counter() - started:.1f}s, "
+        f"{', '.join(f'{s:.1f}s' for s in epoch_seconds)} per epoch; "
         f"training {' + '.join(map(str, planned))} epochs{size_note}"
     )
-    return Plan(budget_s, epoch_seconds, fixed, chosen > 0)
+    return Plan(budget_s, epoch_seconds, fixed, bool(sizes[i]))
 
 
 def _views(tta: int) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cifarlab import __version__
-from cifarlab.errors import UserError
+from cifarlab.errors import Interrupted, UserError
 
 FLAG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr"}
 
@@ -29,6 +29,8 @@ def overrides_from(args) -> dict:
         ("limit", "data.limit"),
         ("seed", "seed"),
         ("device", "device"),
+        ("precision", "precision"),
+        ("threads", "threads"),
     ):
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)
@@ -348,6 +350,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, help="train on a stratified subset of N images")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="auto (default): bf16 only where this machine runs it natively and faster, timed",
+    )
+    t.add_argument(
+        "--threads", type=int, help="CPU threads (default: $OMP_NUM_THREADS, else physical cores)"
+    )
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
     t.add_argument("--budget", help="size the schedule to finish in this time here (e.g. 15m, 1h)")
     add_pretrained_flags(t)
@@ -371,7 +381,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=["auto", "cpu", "cuda"])
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_tracking_flags(c)
-    c.set_defaults(func=cmd_compare, set=None, batch_size=None, lr=None, image_size=None)
+    c.set_defaults(
+        func=cmd_compare,
+        set=None,
+        batch_size=None,
+        lr=None,
+        image_size=None,
+        precision=None,
+        threads=None,
+    )
 
     e = sub.add_parser("evaluate", help="score a model on labelled data")
     e.add_argument("model", help="run directory or checkpoint")
@@ -467,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"cifarlab: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"cifarlab: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(
             "cifarlab: interrupted; a training run continues with `cifarlab train --resume RUN_DIR`",

@@ -137,7 +137,7 @@ def plan(name, data, test, overrides, pretrained_source, weights, out: Path) -> 
     recipe = config.load_recipe(name, extra)
     run_dir = out / recipe["name"]
     if (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file():
-        if config.load_run(run_dir) != recipe:
+        if not config.same_settings(config.load_run(run_dir), recipe):
             raise UserError(
                 f"{run_dir} holds a run of {recipe['name']} with other settings; "
                 "pass another --out (or remove that run directory)"

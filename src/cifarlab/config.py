@@ -151,5 +151,15 @@ def phases(recipe: dict) -> list[dict]:
     ]
 
 
+DECIDED = ("precision", "memory_format", "threads")  # `auto` here is decided by the run
+
+
+def same_settings(saved: dict, wanted: dict) -> bool:
+    """Whether a run's saved recipe is the wanted one; an `auto` of `DECIDED` matches the value
+    the run decided on."""
+    wanted = {**wanted, **{k: saved.get(k) for k in DECIDED if wanted.get(k) == "auto"}}
+    return saved == wanted
+
+
 def dump(recipe: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)

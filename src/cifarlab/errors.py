@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake in the user's input (path, option, file content), with a fix in the message."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says what was kept and how to continue."""

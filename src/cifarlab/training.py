@@ -13,63 +13,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cifarlab import budget, checkpoint, config, feature_cache
 from cifarlab.augment import AugmentConfig
 from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
-from cifarlab.errors import UserError
+from cifarlab.errors import Interrupted, UserError
 from cifarlab.files import atomic_write_text
 from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.lookahead import Lookahead
 from cifarlab.metrics import metrics, predict_probs
 from cifarlab.models import build_model, count_parameters
+from cifarlab.runtime import (  # noqa: F401  (re-exported: other modules import them from here)
+    Choice,
+    decide,
+    memory_format,
+    probe_batch,
+    resolve_device,
+    set_threads,
+    use_bf16,
+    use_channels_last,
+    use_compile,
+)
+from cifarlab.step import train_step
 from cifarlab.tracking import NullTracker
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto"
-        )
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def use_channels_last(memory_format: str, device: torch.device) -> bool:
-    if memory_format not in ("auto", "channels_last", "contiguous"):
-        raise UserError(
-            f"unknown memory_format {memory_format!r}; use auto, channels_last or contiguous"
-        )
-    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
-
-
-def use_compile(setting, device: torch.device) -> bool:
-    """torch.compile for the training forward: `auto` = on CUDA only (on a CPU, oneDNN's eager
-    kernels were faster than the compiled graph: 0.72x, after a 33 s compile)."""
-    if setting not in ("auto", True, False):
-        raise UserError(f"unknown compile setting {setting!r}; use auto, true or false")
-    return setting is True or (setting == "auto" and device.type == "cuda")
-
-
-def _memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.preserve_format
 
 
 def split_data(recipe: dict) -> tuple[ImageSet, ImageSet, ImageSet | None]:
@@ -146,7 +119,6 @@ def epoch_seed(seed: int, phase: int, epoch: int) -> int:
     return seed * 1_000_003 + phase * 10_007 + epoch
 
 
-@reuse_freed_memory()
 def fit(
     recipe: dict,
     out: Path,
@@ -156,26 +128,65 @@ def fit(
     budget_s: float | None = None,
 ) -> dict:
     """Train the recipe into run directory `out` and return its metrics. With `budget_s`, the
-    epochs are sized so that the whole call takes about that many seconds."""
+    epochs are sized so that the whole call takes about that many seconds. Ctrl-C stops within
+    the current step: `Interrupted` says whether `last.pt` holds finished epochs to resume
+    from; a run interrupted before its first epoch leaves no run directory behind."""
+    existed = out.exists()
+    try:
+        return _fit(recipe, out, resume, progress, tracker, budget_s)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(out, existed)) from None
+
+
+def interrupted_message(out: Path, existed: bool) -> str:
+    """What an interrupted run left: resumable epochs in last.pt, or nothing (then the files of
+    this run are removed, and the directory too if this run created it)."""
+    if (out / "last.pt").is_file():
+        state = checkpoint.read(out / "last.pt")["state"]
+        return (
+            f"interrupted; {out}/last.pt holds {len(state['history'])} finished epoch(s): "
+            f"continue with `cifarlab train --resume {out}`"
+        )
+    for name in ("config.yaml", "best.pt", "history.csv"):
+        (out / name).unlink(missing_ok=True)
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    return f"interrupted before the first epoch finished: nothing resumable was written ({out} removed)"
+
+
+@reuse_freed_memory()
+def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
     started = time.perf_counter()
     tracker = tracker or NullTracker()
     device = resolve_device(recipe["device"])
-    bf16 = use_bf16(recipe["precision"], device)
+    threads = set_threads(recipe["threads"])
     use_compile(recipe["compile"], device)  # a bad setting fails before the data is read
     torch.manual_seed(recipe["seed"])
 
     train_set, val_set, test_set = split_data(recipe)  # bad data fails before anything is written
+    loaded = time.perf_counter()
     classes = train_set.classes
     model, preprocess = build_model(recipe["model"], len(classes), recipe["data"]["image_size"])
+    model.to(device)
+    choice = decide(  # measured here, once; resume reads the decision from config.yaml
+        recipe["precision"],
+        recipe["memory_format"],
+        device,
+        threads,
+        model=model,
+        input_size=int(preprocess["input_size"]),
+        batch=probe_batch(int(preprocess["input_size"]), recipe["train"]["batch_size"]),
+    )
+    recipe["precision"], recipe["memory_format"] = choice.precision, choice.memory_format
+    bf16, channels_last = choice.bf16, choice.channels_last
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", config.dump(recipe))
     preprocess["image_size"] = recipe["data"]["image_size"]
-    channels_last = use_channels_last(recipe.get("memory_format", "auto"), device)
-    model.to(device, memory_format=_memory_format(channels_last))
+    model.to(device, memory_format=memory_format(channels_last))
+    log(choice.line())
     log(
         f"data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
-        f"model: {recipe['model']['name']} {count_parameters(model) / 1e6:.2f}M params; "
-        f"device: {device}{' bf16' if bf16 else ''}"
+        f"model: {recipe['model']['name']} {count_parameters(model) / 1e6:.2f}M params"
     )
 
     phase_list = config.phases(recipe)
@@ -197,8 +208,8 @@ def fit(
     eval_kw = dict(device=device, preprocess=preprocess, channels_last=channels_last)
     val_loader = BatchLoader(val_set, 500, **eval_kw)
 
-    def train_loader_for(phase: dict) -> BatchLoader:
-        batch = int(phase["batch_size"])
+    def train_loader_for(phase: dict, batch: int | None = None) -> BatchLoader:
+        batch = batch or int(phase["batch_size"])
         return BatchLoader(
             train_set,
             batch,
@@ -211,19 +222,20 @@ def fit(
 
     def build(model_cfg: dict) -> torch.nn.Module:
         built = build_model(model_cfg, len(classes), recipe["data"]["image_size"])[0]
-        return built.to(device, memory_format=_memory_format(channels_last))
+        return built.to(device, memory_format=memory_format(channels_last))
 
     planned = None
     if budget_s is not None and not resume:
         planned = budget.plan(
-            recipe, phase_list, model, train_loader_for, val_loader, bf16, budget_s,
+            recipe, model, train_loader_for, val_loader, bf16, budget_s,
             lambda: time.perf_counter() - started, log,
-            build=build,
+            build=build, overhead_s=time.perf_counter() - loaded,
         )  # fmt: skip
         if planned.resized:  # the budget affords a larger size of the recipe
             model = build(recipe["model"])
             aug = AugmentConfig(**recipe["augment"])
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
+        log(f"budget: first training step {time.perf_counter() - loaded:.1f}s after the data loaded")
         phase_list = config.phases(recipe)
         atomic_write_text(out / "config.yaml", config.dump(recipe))
     init = getattr(model, "init_from_data", None)  # data-dependent initialisation, e.g. whitening
@@ -231,6 +243,13 @@ def fit(
         init(sample_batch(train_set, preprocess, device))
     tracker.start(recipe, out)  # after planning: the run records the epochs and size it trains
     step = sum(1 for _ in state["history"])
+    eta = RunClock(
+        phase_list,
+        planned.epoch_seconds if planned else estimate_epoch_seconds(choice, phase_list, train_set, val_set),
+        state["history"],
+        estimated=planned is None,
+    )
+    log(eta.line())
     for p_i, phase in enumerate(phase_list):
         if p_i < state["phase"] or state["done"]:
             continue
@@ -306,14 +325,7 @@ def fit(
             for i, (x, y) in enumerate(bar):
                 if epoch * len(train_loader) + i >= horizon[0]:  # a fractional last epoch
                     break
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = net(x)
-                loss = F.cross_entropy(
-                    logits.float(), y, label_smoothing=float(phase["label_smoothing"])
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss, logits = train_step(net, opt, x, y, bf16, float(phase["label_smoothing"]))
                 sched.step()
                 if ema is not None:
                     ema.update_parameters(model)
@@ -409,6 +421,8 @@ def fit(
                 f"acc {row['train_accuracy']:.4f}  val_loss {val['loss']:.4f}  val_acc {val['accuracy']:.4f}  "
                 f"{row['seconds']:.1f}s  {row['train_images_per_s']:.0f} img/s{'  *' if improved else ''}"
             )
+            if not (last and p_i == len(phase_list) - 1):
+                log(eta.line(config.phases(recipe)))
             if stop:
                 log(f"early stopping: no better val accuracy for {phase['early_stopping']} epochs")
                 break
@@ -416,11 +430,11 @@ def fit(
         state["stale"] = 0
         saved = None
     state["done"] = True
-    return finish(recipe, out, model, train_set, val_set, test_set, state, tracker, progress)
+    return finish(recipe, out, model, train_set, val_set, test_set, state, tracker, choice)
 
 
 def finish(
-    recipe, out: Path, model, train_set, val_set, test_set, state, tracker, progress
+    recipe, out: Path, model, train_set, val_set, test_set, state, tracker, choice: Choice
 ) -> dict:
     """Score the best checkpoint on val (and test) and write metrics.json, the plots and
     report.html."""
@@ -432,7 +446,7 @@ def finish(
     tta = int(recipe["train"]["eval_tta"])
     channels_last = use_channels_last(recipe["memory_format"], device)
     kw = dict(device=device, preprocess=info["preprocess"], channels_last=channels_last)
-    best.to(memory_format=_memory_format(channels_last))
+    best.to(memory_format=memory_format(channels_last))
     bf16 = use_bf16(recipe["precision"], device)
     result = {
         "recipe": recipe["name"],
@@ -440,6 +454,7 @@ def finish(
         "n_train": len(train_set),
         "parameters": count_parameters(best),
         "device": str(device),
+        "runtime": choice.as_dict(),
         "train_seconds": sum(r["seconds"] for r in state["history"]),
         "best": info["metrics"],
         "phases": phase_summaries(state["history"]),
@@ -457,6 +472,58 @@ def finish(
     report.run_report(out, val_set)
     tracker.finish(result, out)
     return result
+
+
+def estimate_epoch_seconds(
+    choice: Choice, phases: list[dict], train_set: ImageSet, val_set: ImageSet
+) -> list[float]:
+    """Seconds per epoch of each phase, from the precision check's measured training rate
+    (inference taken as 3x faster); None where nothing was measured (a pinned setting)."""
+    rate = max(choice.rates.values(), default=0.0)
+    if not rate:
+        return []
+    return [len(train_set) / rate + len(val_set) / (3 * rate) for _ in phases]
+
+
+class RunClock:
+    """The whole-run line: epochs left, time left and the finish clock time, from the planned
+    (or estimated) epoch times, corrected by the epochs measured so far."""
+
+    def __init__(self, phases, epoch_seconds, history: list[dict], estimated: bool):
+        self.phases, self.epoch_seconds = phases, list(epoch_seconds)
+        self.history, self.estimated = history, estimated
+
+    def line(self, phases: list[dict] | None = None) -> str:
+        phases = phases or self.phases
+        done = {p["name"]: 0 for p in phases}
+        for row in self.history:
+            done[row["phase"]] = row["epoch"]
+        left = [max(0.0, float(p["epochs"]) - done.get(p["name"], 0)) for p in phases]
+        total = sum(float(p["epochs"]) for p in phases)
+        seconds = []
+        for i, p in enumerate(phases):
+            measured = [r["seconds"] for r in self.history if r["phase"] == p["name"]][1:]
+            if measured:  # the median after the first (which holds one-off costs)
+                seconds.append(sorted(measured)[len(measured) // 2])
+            elif i < len(self.epoch_seconds):
+                seconds.append(self.epoch_seconds[i])
+            else:
+                seconds.append(None)
+        head = f"run: {total - sum(left):.4g}/{total:.4g} epochs done"
+        if None in seconds or not seconds:
+            return head + "; time per epoch not measured yet"
+        remaining = sum(n * s for n, s in zip(left, seconds, strict=True))
+        finish = time.strftime("%H:%M", time.localtime(time.time() + remaining))
+        how = " (estimated from the precision check)" if self.estimated and not self.history else ""
+        return f"{head}, about {_duration(remaining)} left{how}, finishing about {finish}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def phase_summaries(history: list[dict]) -> list[dict]:

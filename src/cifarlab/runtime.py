@@ -1,0 +1,330 @@
+"""How this machine runs a model: device, threads, precision and memory format.
+
+Precision and memory format are decided by measurement, not assumed. bf16 autocast is 2-5x
+faster than fp32 on a CPU with native bf16 (AMX, AVX512-BF16) and 10-350x *slower* on one
+without (most laptops, AMD Zen 2/3, many cloud VMs: oneDNN emulates bf16 there). So `auto`:
+
+- CUDA: bf16 where the card supports it, channels_last.
+- CPU: bf16 is a candidate only where the CPU has native bf16 *and* PyTorch and oneDNN may use
+  it (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can forbid it); then a few small training steps of
+  the recipe's own model are timed in each candidate precision and memory format, and the
+  fastest wins. Without native bf16 it is never timed (one step could take minutes).
+
+The decision is made once per run, printed, written into the run's config.yaml (so --resume
+reuses it) and into metrics.json and MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+from cifarlab.errors import UserError
+from cifarlab.step import train_step
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SWITCH_MARGIN = 1.1  # how much faster than the safer choice (fp32, contiguous) another must be
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# oneDNN ISA caps below which bf16 has no native kernels (ONEDNN_MAX_CPU_ISA)
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto"
+        )
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    return precision
+
+
+def check_memory_format(memory_format: str) -> str:
+    if memory_format not in MEMORY_FORMATS:
+        raise UserError(
+            f"unknown memory_format {memory_format!r}; use auto, channels_last or contiguous"
+        )
+    return memory_format
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """A decided (or pinned) precision; `auto` that was never measured means the safe choice:
+    bf16 on a CUDA card that has it, fp32 on any CPU."""
+    check_precision(precision)
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def use_channels_last(memory_format: str, device: torch.device) -> bool:
+    check_memory_format(memory_format)
+    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
+
+
+def use_compile(setting, device: torch.device) -> bool:
+    """torch.compile for the training forward: `auto` = on CUDA only (on a CPU, oneDNN's eager
+    kernels were faster than the compiled graph: 0.72x, after a 33 s compile)."""
+    if setting not in ("auto", True, False):
+        raise UserError(f"unknown compile setting {setting!r}; use auto, true or false")
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads) from /proc/cpuinfo; else the logical count."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return os.cpu_count() or 1
+    cores, phys = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "physical id":
+            phys = value
+        elif key == "core id":
+            cores.add((phys, value))
+    return len(cores) or os.cpu_count() or 1
+
+
+def set_threads(setting) -> int:
+    """Set PyTorch's intra-op threads: an int, or `auto` = $OMP_NUM_THREADS if set, else all
+    physical cores. Returns the count."""
+    if setting == "auto":
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        n = int(env) if env.isdigit() and int(env) > 0 else physical_cores()
+    elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
+        n = setting
+    else:
+        raise UserError(f"threads must be auto or a whole number of at least 1, got {setting!r}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# --- native bf16 --------------------------------------------------------------------------------
+
+
+@cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(flags: frozenset[str] | None = None, env: dict | None = None) -> tuple[bool, str]:
+    """(whether this CPU computes bf16 natively and PyTorch/oneDNN may use it, why)."""
+    flags = _cpu_flags() if flags is None else flags
+    env = os.environ if env is None else env
+    have = sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})  # x86 flags; aarch64 "bf16"
+    if not have:
+        return False, "no native bf16 (no AMX/AVX512-BF16)"
+    isa = env.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa in _NO_BF16_ISAS:
+        return False, f"ONEDNN_MAX_CPU_ISA={isa} forbids native bf16"
+    cap = env.get("ATEN_CPU_CAPABILITY", "").lower()
+    if cap in ("default", "avx2"):
+        return False, f"ATEN_CPU_CAPABILITY={cap} forbids native bf16"
+    return True, "native bf16: " + ", ".join(have)
+
+
+# --- the measured decision ----------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """What a run trains (or predicts) in, and the measured rates that chose it."""
+
+    device: str
+    precision: str  # fp32 | bf16
+    memory_format: str  # contiguous | channels_last
+    threads: int
+    rates: dict[str, float] = field(default_factory=dict)  # "bf16/channels_last": images/s
+    note: str = ""  # why (no native bf16, pinned, ...)
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == "channels_last"
+
+    def line(self) -> str:
+        """One line for the run's start: device, precision, format, threads, measured rates."""
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in self.rates.items())
+        rates = f" (measured img/s: {rates})" if rates else ""
+        note = f"; {self.note}" if self.note else ""
+        return (
+            f"device: {self.device} {self.precision} {self.memory_format}, "
+            f"{self.threads} threads{rates}{note}"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "memory_format": self.memory_format,
+            "threads": self.threads,
+            "measured_images_per_s": dict(self.rates),
+            "note": self.note,
+        }
+
+
+def step_rate(
+    model: torch.nn.Module,
+    input_size: int,
+    bf16: bool,
+    channels_last: bool,
+    train: bool,
+    batch: int,
+    steps: int = 2,
+) -> float:
+    """Images/s of `steps` training steps (forward, backward, SGD update) or forward passes of
+    a copy of `model` on random data, after one untimed step."""
+    device = next(model.parameters()).device
+    net = copy.deepcopy(model).train(train)
+    fmt = memory_format(channels_last)
+    net.to(memory_format=fmt)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0) if train and params else None
+    x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    y = torch.randint(0, 2, (batch,), device=device)
+    rng = torch.get_rng_state()
+
+    def once():
+        if opt is not None:
+            train_step(net, opt, x, y, bf16)
+        else:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    once()
+    start = time.perf_counter()
+    for _ in range(steps):
+        once()
+    torch.set_rng_state(rng)
+    return batch * steps / (time.perf_counter() - start)
+
+
+Timer = Callable[[bool, bool], float]  # (bf16, channels_last) -> images/s
+
+
+def decide(
+    precision: str,
+    memory_format_setting: str,
+    device: torch.device,
+    threads: int,
+    timer: Timer | None = None,
+    model: torch.nn.Module | None = None,
+    input_size: int = 32,
+    batch: int = 64,
+    train: bool = True,
+    native: tuple[bool, str] | None = None,
+) -> Choice:
+    """Decide precision and memory format for `model` (or with `timer`, for tests): pinned
+    values are kept; `auto` is measured among the candidates this device has. Pinning bf16 on a
+    CPU without native bf16 is kept, with a warning note carrying the measured slow-down."""
+    precision, fmt = check_precision(precision), check_memory_format(memory_format_setting)
+    if timer is None:
+        if model is None:
+            raise ValueError("decide needs a model or a timer")
+        batch = max(2, batch)
+
+        def timer(bf16: bool, channels_last: bool) -> float:
+            return step_rate(model, input_size, bf16, channels_last, train, batch)
+
+    if device.type == "cuda":  # no measuring: these are right on every card that has them
+        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        cl = fmt != "contiguous"
+        return Choice(str(device), "bf16" if bf16 else "fp32", _fmt_name(cl), threads)
+    native_ok, why = native if native is not None else native_bf16()
+    # in order of preference: a later candidate must be SWITCH_MARGIN faster to be chosen, so
+    # that measurement noise does not flip the decision (and the metrics) between two runs
+    precisions = {"auto": [False, True] if native_ok else [False], "bf16": [True], "fp32": [False]}
+    formats = {"auto": [False, True], "channels_last": [True], "contiguous": [False]}[fmt]
+    candidates = [(b, c) for b in precisions[precision] for c in formats]
+    note = "" if native_ok or precision == "fp32" else why
+    if precision == "bf16" and not native_ok:  # pinned against the machine: say what it costs
+        fp32 = max(timer(False, c) for c in formats)
+        slow = timer(True, formats[-1])
+        return Choice(
+            str(device),
+            "bf16",
+            _fmt_name(formats[-1]),
+            threads,
+            {"fp32": fp32, _key(True, formats[-1]): slow},
+            f"warning: precision bf16 is pinned on a CPU with {why}: measured {fp32 / slow:.1f}x "
+            "slower than fp32; use --precision auto",
+        )
+    if len(candidates) == 1:
+        b, c = candidates[0]
+        return Choice(str(device), _prec_name(b), _fmt_name(c), threads, note=note or "pinned")
+    rates = {}
+    for b, c in candidates:
+        rates[_key(b, c)] = timer(b, c)
+    best = candidates[0]
+    for bc in candidates[1:]:
+        if rates[_key(*bc)] > SWITCH_MARGIN * rates[_key(*best)]:
+            best = bc
+    return Choice(str(device), _prec_name(best[0]), _fmt_name(best[1]), threads, rates, note)
+
+
+def _key(bf16: bool, channels_last: bool) -> str:
+    return f"{_prec_name(bf16)}/{_fmt_name(channels_last)}"
+
+
+def _prec_name(bf16: bool) -> str:
+    return "bf16" if bf16 else "fp32"
+
+
+def _fmt_name(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "contiguous"
+
+
+def probe_batch(input_size: int, batch_size: int) -> int:
+    """Images per timed step: enough to be representative, few enough for seconds in all
+    (a 224-pixel input costs ~50x a 32-pixel one)."""
+    cap = 128 if input_size <= 64 else 8
+    return max(2, min(int(batch_size), cap))
