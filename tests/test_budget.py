@@ -1,5 +1,7 @@
 import csv
 
+import cifarlab.config
+
 import pytest
 import torch
 import yaml
@@ -185,3 +187,83 @@ def test_replan_rates_epochs_by_the_wall_time_between_replans():
         elapsed += 1.5
         steps = plan.replan(recipe, 0, epoch, 10, rows, elapsed_s=elapsed, log=print)
     assert steps == round((4 + (100 * (1 - MARGIN) - elapsed) / 1.5) * 10)
+
+
+def test_expected_accuracy_interpolates_in_log_epochs_and_distrusts_the_unmeasured():
+    from cifarlab.budget import UNMEASURED_DROP, expected_accuracy
+
+    points = {4: 0.80, 16: 0.90}
+    assert expected_accuracy(points, 4) == pytest.approx(0.80)
+    assert expected_accuracy(points, 8) == pytest.approx(0.85)  # halfway in log(epochs)
+    assert expected_accuracy(points, 64) == pytest.approx(0.90)  # no unmeasured gain
+    assert expected_accuracy(points, 2) == pytest.approx(0.80 - 0.05)  # first segment's slope
+    flat = {10: 0.9, 20: 0.9}
+    assert expected_accuracy(flat, 5) == pytest.approx(0.9 - UNMEASURED_DROP)
+
+
+def sized_recipe(tmp_path, accuracy):
+    """The tiny fast recipe with two sizes and a measured accuracy table."""
+    path = tmp_path / "sized.yaml"
+    recipe = yaml.safe_load(
+        (tmp_path / "tiny-fast.yaml").read_text()
+    )  # written by the tiny_fast_recipe fixture
+    recipe["budget"] = {
+        "sizes": [{}, {"model.widths": [16, 24, 24], "augment.cutout": 4}],
+        "accuracy": accuracy,
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_budget_picks_the_size_with_the_best_expected_accuracy(
+    tiny_folder, tiny_fast_recipe, tmp_path
+):
+    # the small size measured better at every length: it wins although the larger one fits
+    recipe = sized_recipe(tmp_path, [{1: 0.9, 1000: 0.95}, {1: 0.5, 1000: 0.6}])
+    cifarlab.train(recipe, tiny_folder, tmp_path / "a", progress=False, budget="6s")
+    assert yaml.safe_load((tmp_path / "a/config.yaml").read_text())["model"]["widths"] == [8, 16, 16]
+    recipe = sized_recipe(tmp_path, [{1: 0.5, 1000: 0.6}, {1: 0.9, 1000: 0.95}])
+    cifarlab.train(recipe, tiny_folder, tmp_path / "b", progress=False, budget="6s")
+    saved = yaml.safe_load((tmp_path / "b/config.yaml").read_text())
+    assert saved["model"]["widths"] == [16, 24, 24] and saved["augment"]["cutout"] == 4
+
+
+def test_planning_stops_timing_sizes_once_its_allowance_is_spent(monkeypatch):
+    import time
+
+    from cifarlab import budget
+
+    timed = []
+
+    def slow_steps(model, loader, phase, bf16, **kw):
+        timed.append(model)
+        time.sleep(0.3)
+        return 0.01
+
+    monkeypatch.setattr(budget, "time_steps", slow_steps)
+    monkeypatch.setattr(budget, "time_eval", lambda *a, **k: 0.001)
+    monkeypatch.setattr(budget, "overhead_allowance", lambda s: 0.5)
+
+    class Loader:
+        input_size = 32
+
+        def __init__(self, n=10):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def epoch(self, *a, **k):
+            yield torch.zeros(4, 3, 32, 32), None
+
+    recipe = cifarlab.config.load_recipe("fast")
+    logged = []
+    built = []
+    started = time.perf_counter()
+    budget.plan(
+        recipe, torch.nn.Linear(1, 1), lambda phase, batch=None: Loader(), Loader(2), False,
+        600.0, lambda: 0.0, logged.append, build=lambda cfg: built.append(cfg) or cfg,
+    )  # fmt: skip
+    assert len(timed) == 2 < len(recipe["budget"]["sizes"])  # 0.6 s spent > 0.5 s allowed
+    assert time.perf_counter() - started < 1.5
+    assert any("timing stopped" in line for line in logged)

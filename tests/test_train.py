@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -216,3 +217,46 @@ def test_bad_compile_setting_is_a_one_line_error(tiny_folder, tiny_recipe, tmp_p
     assert code == 2
     assert "unknown compile setting" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_before_the_first_epoch_ends_leaves_no_run_directory(
+    tiny_folder, tiny_recipe, tmp_path, monkeypatch
+):
+    from cifarlab.errors import Interrupted
+
+    def interrupt(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupt)
+    with pytest.raises(Interrupted, match="nothing resumable was written"):
+        cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_within_a_step_and_says_how_to_resume(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=100)
+    recipe = tmp_path / "slow.yaml"
+    recipe.write_text(
+        "name: slow\nprecision: fp32\nmemory_format: contiguous\n"
+        "model: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
+        "data: {val_fraction: 0.25}\ntrain: {epochs: 50, batch_size: 4, lr: 0.003}\n"
+    )
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cifarlab", "train", "--recipe", str(recipe), "--data", str(data)]
+    proc = subprocess.Popen(
+        cmd + ["--out", str(out), "--no-progress", "--no-track"], stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stderr:
+        if line.startswith("train   1/50"):
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=30) == 130
+    assert time.monotonic() - sent < 10
+    assert "last.pt holds" in rest and f"--resume {out}" in rest and "Traceback" not in rest
+    assert checkpoint_epochs(out / "last.pt") >= 1
+
+
+def checkpoint_epochs(path) -> int:
+    return len(torch.load(path, weights_only=True)["state"]["history"])

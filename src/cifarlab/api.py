@@ -63,12 +63,13 @@ def _absolute(source: str | Path) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
-def load(path: str | Path, device: str = "cpu"):
+def load(path: str | Path, device: str = "cpu", precision: str = "auto"):
     """A predictor for a run directory, a checkpoint file or an exported .onnx file (run by
-    ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`."""
+    ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`.
+    `precision` auto: a run's own decision, else measured here (cifarlab.runtime)."""
     from cifarlab.inference import load_predictor
 
-    return load_predictor(path, device)
+    return load_predictor(path, device, precision)
 
 
 def evaluate(

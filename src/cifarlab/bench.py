@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab import config
@@ -23,7 +22,8 @@ from cifarlab.data import ImageSet
 from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
-from cifarlab.training import use_bf16, use_channels_last, use_compile
+from cifarlab.runtime import Choice, decide, probe_batch, use_compile
+from cifarlab.step import train_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,13 +41,27 @@ def _best_ms(fn, repeats: int) -> float:
     return min(times) * 1e3
 
 
-def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul in `dtype` on the CPU (n 2048) or the current GPU (8192:
-    a GPU needs large products to reach its peak)."""
-    n = n or (8192 if DEVICE == "cuda" else 2048)
+def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 5, seconds=0.5) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype`. Without `n`, the product grows from 256 up to
+    2048 on a CPU (8192 on a GPU, which needs large products to reach its peak) while one product
+    takes under 1/20 of `seconds`, so the whole measurement stays a fraction of a second even
+    where the dtype is slow (bf16 without native support: ~2 GFLOP/s)."""
+    if n is None:
+        top, n = (8192 if DEVICE == "cuda" else 2048), 256
+        while n < top:
+            once = _best_ms(lambda n=n: _product(n, dtype)(), 1) / 1e3
+            if once * 20 > seconds:
+                break
+            n *= 2
     a = torch.randn(n, n, device=DEVICE, dtype=dtype)
     b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     return 2 * n**3 / _best_ms(lambda: a @ b, repeats) / 1e6
+
+
+def _product(n: int, dtype: torch.dtype):
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    return lambda: a @ b
 
 
 def flops_per_image(model: torch.nn.Module, input_size: int, train: bool) -> float:
@@ -96,13 +110,11 @@ def speed(
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
-        with torch.set_grad_enabled(train), torch.autocast(device, torch.bfloat16, enabled=bf16):
-            out = net(x)
         if train:
-            loss = F.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(net, opt, x, y, bf16)
+        else:
+            with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=bf16):
+                net(x)
 
     with reuse_freed_memory() if reuse_memory else contextlib.nullcontext():
         return batch * _steps_per_second(step, steps, warmup)
@@ -114,22 +126,33 @@ def model_speeds(recipe_name: str) -> list[dict]:
     return [model_speed(recipe_name, size=i) for i in range(max(1, len(sizes)))]
 
 
-def _sized_model(recipe_name: str, size: int) -> tuple[dict, dict, torch.nn.Module, int, bool]:
+def _sized_model(recipe_name: str, size: int) -> tuple[dict, dict, torch.nn.Module, int, Choice]:
     """The recipe with budget size number `size` applied, the settings of that size, its model,
-    the model's input size and whether it trains in bf16 on this machine."""
+    the model's input size and the precision and memory format it trains in on this machine
+    (decided as training decides them: measured)."""
     recipe = config.load_recipe(recipe_name)
-    settings = recipe["budget"]["sizes"][size] if size else {}
+    settings = recipe["budget"]["sizes"][size] if recipe["budget"]["sizes"] else {}
     recipe = with_size(recipe, settings)
     model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
-    bf16 = use_bf16(recipe["precision"], torch.device(DEVICE))
-    return recipe, settings, model, int(pre["input_size"]), bf16
+    input_size = int(pre["input_size"])
+    choice = decide(
+        recipe["precision"],
+        recipe["memory_format"],
+        torch.device(DEVICE),
+        torch.get_num_threads(),
+        model=model.to(DEVICE),
+        input_size=input_size,
+        batch=probe_batch(input_size, recipe["train"]["batch_size"]),
+    )
+    return recipe, settings, model, input_size, choice
 
 
 def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, size: int = 0) -> dict:
     """Speed of a recipe's model (or of its budget size number `size`): cifarlab's settings (the
     recipe's precision, channels_last) against the plain eager fp32 baseline, with FLOPs and
     achieved GFLOP/s."""
-    recipe, settings, model, input_size, bf16 = _sized_model(recipe_name, size)
+    recipe, settings, model, input_size, choice = _sized_model(recipe_name, size)
+    bf16 = choice.bf16
     batch = batch or int(recipe["train"]["batch_size"])
     train_flops = flops_per_image(model, input_size, train=True)
     infer_flops = flops_per_image(model, input_size, train=False)
@@ -138,7 +161,7 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
         k: speed(model, batch, input_size, False, False, k == "train", steps, reuse_memory=False)
         for k in ("train", "infer")
     }
-    channels_last = use_channels_last(recipe["memory_format"], torch.device(DEVICE))
+    channels_last = choice.channels_last
     compiled = use_compile(recipe["compile"], torch.device(DEVICE))  # as fit() trains
     ours = {
         "train": speed(
@@ -153,7 +176,8 @@ def model_speed(recipe_name: str, batch: int | None = None, steps: int = 10, siz
         "budget_size": settings,
         "input_size": input_size,
         "batch": batch,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": choice.precision,
+        "memory_format": choice.memory_format,
         "compiled": compiled,
         "train_gflops_per_image": train_flops / 1e9,
         "infer_gflops_per_image": infer_flops / 1e9,
@@ -203,14 +227,11 @@ def conv_costs(recipe_name: str, batch: int | None = None, size: int = 0, repeat
     (forward, input gradient, weight gradient) in the recipe's precision and memory format, its
     TFLOP/s, and the bound that follows: the fraction of the matmul peak a training step would
     reach if everything but the convolutions took no time at all."""
-    recipe, _, model, input_size, bf16 = _sized_model(recipe_name, size)
+    recipe, _, model, input_size, choice = _sized_model(recipe_name, size)
+    bf16 = choice.bf16
     batch = batch or int(recipe["train"]["batch_size"])
     dtype = torch.bfloat16 if bf16 else torch.float32
-    fmt = (
-        torch.channels_last
-        if use_channels_last(recipe["memory_format"], torch.device(DEVICE))
-        else torch.contiguous_format
-    )
+    fmt = torch.channels_last if choice.channels_last else torch.contiguous_format
     seen = []  # (conv, its input's shape, whether its input needs a gradient)
 
     def record(conv, inputs, output):
@@ -257,6 +278,15 @@ def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
         [str(i) for i in range(10)],
     )
     model, pre = build_model(recipe["model"], 10, size, pretrained=False)
+    choice = decide(
+        recipe["precision"],
+        recipe["memory_format"],
+        torch.device(DEVICE),
+        torch.get_num_threads(),
+        model=model.to(DEVICE),
+        input_size=int(pre["input_size"]),
+        batch=probe_batch(int(pre["input_size"]), recipe["train"]["batch_size"]),
+    )
     loader = BatchLoader(
         data,
         int(recipe["train"]["batch_size"]),
@@ -269,9 +299,10 @@ def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
     start = time.perf_counter()
     served = sum(len(x) for e in range(epochs) for x, _ in loader.epoch(e))
     data_rate = served / (time.perf_counter() - start)
-    bf16 = recipe["precision"] == "bf16"
     batch = int(recipe["train"]["batch_size"])
-    model_rate = speed(model, batch, int(pre["input_size"]), bf16, False, train=True)
+    model_rate = speed(
+        model, batch, int(pre["input_size"]), choice.bf16, choice.channels_last, train=True
+    )
     return {
         "recipe": recipe_name,
         "augment": recipe["augment"],

@@ -22,6 +22,7 @@ from cifarlab.metrics import tta_views
 from cifarlab.runtime import probe_batch
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
+UNMEASURED_DROP = 0.03  # accuracy a size is assumed to lose per halving below its shortest run
 OVERHEAD = 0.03  # fraction of the budget that start-up (precision check, planning) may take
 
 
@@ -193,23 +194,24 @@ def overhead_allowance(budget_s: float) -> float:
 
 def expected_accuracy(points: dict, epochs: float) -> float:
     """Held-out accuracy expected after `epochs`, from a size's measured {epochs: accuracy}:
-    linear in log(epochs) between points; below the first, the first segment's slope carried
-    on; above the last, the last value (no gain is claimed that was not measured)."""
+    linear in log(epochs) between points; above the last, the last value (no gain is claimed
+    that was not measured); below the first, falling by the first segment's loss per halving
+    and at least `UNMEASURED_DROP` per halving (a size is not trusted where it was not run)."""
     xs = sorted((float(k), float(v)) for k, v in points.items())
     if epochs <= 0 or not xs:
         return 0.0
-    if len(xs) == 1:
-        x0, y0 = xs[0]
-        return y0 if epochs >= x0 else max(0.0, y0 - 0.05 * math.log2(x0 / epochs))
     if epochs >= xs[-1][0]:
         return xs[-1][1]
-    (x0, y0), (x1, y1) = xs[0], xs[1]
-    for a, b in itertools.pairwise(xs):
-        if epochs <= b[0]:
-            (x0, y0), (x1, y1) = a, b
-            break
-    slope = (y1 - y0) / (math.log(x1) - math.log(x0))
-    return max(0.0, y0 + slope * (math.log(epochs) - math.log(x0)))
+    x0, y0 = xs[0]
+    if epochs < x0:
+        per_halving = UNMEASURED_DROP
+        if len(xs) > 1:
+            per_halving = max(per_halving, (xs[1][1] - y0) / math.log2(xs[1][0] / x0))
+        return max(0.0, y0 - per_halving * math.log2(x0 / epochs))
+    for (a, ya), (b, yb) in itertools.pairwise(xs):
+        if epochs <= b:
+            return ya + (yb - ya) * math.log(epochs / a) / math.log(b / a)
+    return xs[-1][1]
 
 
 def plan(
@@ -237,7 +239,7 @@ def plan(
     device, in the run's memory format) from a model config, `elapsed_s()` the seconds spent so
     far."""
     started = time.perf_counter()
-    deadline = started + max(1.0, overhead_allowance(budget_s) - overhead_s)
+    deadline = started + overhead_allowance(budget_s) - overhead_s  # the first size is always timed
     final = 5.0  # plots, checkpoints, report
     tta = int(recipe["train"]["eval_tta"])
     val_batch = next(val_loader.epoch())[0]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab import checkpoint
+from cifarlab import checkpoint, runtime
 from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
 from cifarlab.errors import UserError
 from cifarlab.loader import prepare
@@ -129,9 +129,18 @@ class BasePredictor:
 
 
 class Predictor(BasePredictor):
-    """A checkpoint ready for inference in PyTorch."""
+    """A checkpoint ready for inference in PyTorch. `precision` and `memory_format` follow
+    training's rule (cifarlab.runtime): `auto` times a few forward passes in each candidate
+    (bf16 only on a CPU with native bf16) and keeps the fastest; `choice` says what was chosen."""
 
-    def __init__(self, model: torch.nn.Module, info: dict, device: str = "cpu"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: dict,
+        device: str = "cpu",
+        precision: str = "auto",
+        memory_format: str = "auto",
+    ):
         spec = info["model"]
         super().__init__(
             info["classes"],
@@ -141,18 +150,34 @@ class Predictor(BasePredictor):
         )
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        size = int(self.preprocess["input_size"])
+        self.choice = runtime.decide(
+            precision,
+            memory_format,
+            self.device,
+            torch.get_num_threads(),
+            model=self.model,
+            input_size=size,
+            batch=runtime.probe_batch(size, 64),
+            train=False,
+        )
+        self.model.to(memory_format=runtime.memory_format(self.choice.channels_last))
         self.info = info
         self.pipeline = Preprocessed(self.model, self.preprocess).to(self.device).eval()
         self.mean, self.std = self.pipeline.mean, self.pipeline.std
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", precision: str = "auto"
+    ) -> Predictor:
         model, info = checkpoint.load_model(path)
-        return cls(model, info, device)
+        return cls(model, info, device, precision)
 
     @torch.no_grad()
     def _logits(self, images: np.ndarray) -> np.ndarray:
-        return self.pipeline(torch.from_numpy(images).to(self.device)).float().cpu().numpy()
+        x = torch.from_numpy(images).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.choice.bf16):
+            return self.pipeline(x).float().cpu().numpy()
 
 
 class OnnxPredictor(BasePredictor):
@@ -196,11 +221,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def load_predictor(path: str | Path, device: str = "cpu") -> BasePredictor:
-    """A predictor for a run directory, a checkpoint or an exported .onnx file."""
+def load_predictor(path: str | Path, device: str = "cpu", precision: str = "auto") -> BasePredictor:
+    """A predictor for a run directory, a checkpoint or an exported .onnx file (always fp32).
+    A run directory's predictor keeps the precision its training decided (so `evaluate` agrees
+    with the run's metrics.json); otherwise `auto` is measured here."""
     if Path(path).suffix.lower() == ".onnx":
         return OnnxPredictor(path)
-    return Predictor.from_checkpoint(path, device)
+    run_config, memory_format = Path(path) / "config.yaml", "auto"
+    if precision == "auto" and run_config.is_file() and str(device) == "cpu":
+        import yaml
+
+        saved = yaml.safe_load(run_config.read_text()) or {}
+        precision = saved.get("precision", "auto")
+        memory_format = saved.get("memory_format", "auto")
+    model, info = checkpoint.load_model(path)
+    return Predictor(model, info, device, precision, memory_format)
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import torch
+
 from cifarlab.errors import UserError
 from cifarlab.step import train_step
 
@@ -32,7 +33,15 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SWITCH_MARGIN = 1.1  # how much faster than the safer choice (fp32, contiguous) another must be
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # oneDNN ISA caps below which bf16 has no native kernels (ONEDNN_MAX_CPU_ISA)
-_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_NO_BF16_ISAS = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -92,17 +92,20 @@ def make_optimizer(params, phase: dict) -> torch.optim.Optimizer:
     raise UserError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base LR at `step`: linear warm-up, then the schedule's shape down to 0."""
+def lr_factor(
+    step: int, total: int, warmup: int, schedule: str, start: float = 0.0, end: float = 0.0
+) -> float:
+    """Multiplier of the base LR at `step`: linear warm-up from `start` (a fraction of the
+    peak), then the schedule's shape down to `end`."""
     if step < warmup:
-        return (step + 1) / warmup
+        return start + (1 - start) * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
     if schedule == "linear":
-        return max(0.0, 1 - t)
+        return end + (1 - end) * max(0.0, 1 - t)
     if schedule == "onecycle":  # warm-up is part of the cycle: 25% up unless warmup_epochs says
         return max(0.0, 1 - t) if warmup else min(1.0, 4 * t) if t < 0.25 else (1 - t) / 0.75
     raise UserError(f"unknown schedule {schedule!r}; use constant, cosine, linear or onecycle")
@@ -235,7 +238,9 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
             model = build(recipe["model"])
             aug = AugmentConfig(**recipe["augment"])
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
-        log(f"budget: first training step {time.perf_counter() - loaded:.1f}s after the data loaded")
+        log(
+            f"budget: first training step {time.perf_counter() - loaded:.1f}s after the data loaded"
+        )
         phase_list = config.phases(recipe)
         atomic_write_text(out / "config.yaml", config.dump(recipe))
     init = getattr(model, "init_from_data", None)  # data-dependent initialisation, e.g. whitening
@@ -245,7 +250,9 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
     step = sum(1 for _ in state["history"])
     eta = RunClock(
         phase_list,
-        planned.epoch_seconds if planned else estimate_epoch_seconds(choice, phase_list, train_set, val_set),
+        planned.epoch_seconds
+        if planned
+        else estimate_epoch_seconds(choice, phase_list, train_set, val_set),
         state["history"],
         estimated=planned is None,
     )
@@ -288,7 +295,9 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
         warmup = [int(float(phase["warmup_epochs"]) * len(train_loader))]
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
-            lambda s, _h=horizon, _w=warmup, _s=phase["schedule"]: lr_factor(s, _h[0], _w[0], _s),
+            lambda s, _h=horizon, _w=warmup, _p=phase: lr_factor(
+                s, _h[0], _w[0], _p["schedule"], float(_p["lr_start"]), float(_p["lr_end"])
+            ),
         )
         lookahead = Lookahead(model, float(phase["lookahead"])) if phase["lookahead"] else None
         ema = (
