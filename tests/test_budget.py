@@ -1,12 +1,11 @@
 import csv
 
-import cifarlab.config
-
 import pytest
 import torch
 import yaml
 
 import cifarlab
+import cifarlab.config
 from cifarlab.budget import parse_budget, scale_epochs
 from cifarlab.errors import UserError
 
@@ -221,7 +220,11 @@ def test_a_budget_picks_the_size_with_the_best_expected_accuracy(
     # the small size measured better at every length: it wins although the larger one fits
     recipe = sized_recipe(tmp_path, [{1: 0.9, 1000: 0.95}, {1: 0.5, 1000: 0.6}])
     cifarlab.train(recipe, tiny_folder, tmp_path / "a", progress=False, budget="6s")
-    assert yaml.safe_load((tmp_path / "a/config.yaml").read_text())["model"]["widths"] == [8, 16, 16]
+    assert yaml.safe_load((tmp_path / "a/config.yaml").read_text())["model"]["widths"] == [
+        8,
+        16,
+        16,
+    ]
     recipe = sized_recipe(tmp_path, [{1: 0.5, 1000: 0.6}, {1: 0.9, 1000: 0.95}])
     cifarlab.train(recipe, tiny_folder, tmp_path / "b", progress=False, budget="6s")
     saved = yaml.safe_load((tmp_path / "b/config.yaml").read_text())

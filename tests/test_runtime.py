@@ -41,7 +41,9 @@ class Timings:
 def test_auto_never_times_or_picks_bf16_without_native_bf16():
     # bf16 would look fastest here; without native bf16 it must not even be timed (one step of
     # it can take minutes on an AVX2-only CPU)
-    timer = Timings({(False, False): 100, (False, True): 180, (True, False): 900, (True, True): 999})
+    timer = Timings(
+        {(False, False): 100, (False, True): 180, (True, False): 900, (True, True): 999}
+    )
     choice = decide("auto", "auto", CPU, 2, timer=timer, native=(False, "no native bf16"))
     assert (choice.precision, choice.memory_format) == ("fp32", "channels_last")
     assert all(not bf16 for bf16, _ in timer.asked)
@@ -49,17 +51,23 @@ def test_auto_never_times_or_picks_bf16_without_native_bf16():
 
 
 def test_auto_picks_bf16_only_where_measured_faster():
-    faster = Timings({(False, False): 100, (False, True): 150, (True, False): 300, (True, True): 500})
+    faster = Timings(
+        {(False, False): 100, (False, True): 150, (True, False): 300, (True, True): 500}
+    )
     choice = decide("auto", "auto", CPU, 2, timer=faster, native=(True, "native bf16: amx_bf16"))
     assert (choice.precision, choice.memory_format) == ("bf16", "channels_last")
     assert choice.rates["bf16/channels_last"] == 500 and len(choice.rates) == 4
-    slower = Timings({(False, False): 300, (False, True): 320, (True, False): 100, (True, True): 90})
+    slower = Timings(
+        {(False, False): 300, (False, True): 320, (True, False): 100, (True, True): 90}
+    )
     choice = decide("auto", "auto", CPU, 2, timer=slower, native=(True, "native bf16"))
     assert (choice.precision, choice.memory_format) == ("fp32", "contiguous")  # 320 < 1.1 * 300
 
 
 def test_noise_does_not_flip_the_decision():
-    close = Timings({(False, False): 100, (False, True): 105, (True, False): 108, (True, True): 109})
+    close = Timings(
+        {(False, False): 100, (False, True): 105, (True, False): 108, (True, True): 109}
+    )
     choice = decide("auto", "auto", CPU, 2, timer=close, native=(True, "native bf16"))
     assert (choice.precision, choice.memory_format) == ("fp32", "contiguous")
 
@@ -76,7 +84,9 @@ def test_pinned_values_are_kept_and_bf16_on_a_cpu_without_it_warns_with_the_slow
 
 
 def test_a_real_measurement_on_a_small_model():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
     model(torch.zeros(1, 3, 16, 16))
     choice = decide("auto", "auto", CPU, 1, model=model, input_size=16, batch=4)
     assert choice.precision in ("fp32", "bf16") and all(v > 0 for v in choice.rates.values())
