@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from cifarlab import config
+from cifarlab import config, schema
 from cifarlab.errors import UserError
 from cifarlab.metrics import tta_views
 from cifarlab.runtime import probe_batch
@@ -108,7 +108,7 @@ def with_size(recipe: dict, size: dict) -> dict:
                 f"budget.sizes sets {key!r}; a size may change model, augment and train keys only"
             )
         config.set_key(sized, key, value)
-    return sized
+    return schema.validate(sized)
 
 
 class Plan:
@@ -261,22 +261,27 @@ def plan(
     for size in sizes:
         with_size(recipe, size)  # a bad key fails before any timing
     timed: dict[str, tuple[list[float], float]] = {}
-    options = []  # (size index, epoch seconds, fixed seconds, planned epochs)
+    options, skipped, last_cost = [], [], 0.0  # options: (size, epoch s, fixed s, epochs)
     for i, size in enumerate(sizes):
-        if options and time.perf_counter() > deadline:
-            log(f"budget: timing stopped before size {i + 1} of {len(sizes)} (overhead allowance)")
-            break
         sized = with_size(recipe, size)
         key = repr(sized["model"])
         if key not in timed:
+            # a size is timed only if that (guessed from the last size's timing) still fits
+            if options and time.perf_counter() + 1.5 * last_cost > deadline:
+                skipped.append(i + 1)
+                continue
+            t0 = time.perf_counter()
             same = sized["model"] == recipe["model"]
             timed[key] = cost(model if same else build(sized["model"]), config.phases(sized))
+            last_cost = time.perf_counter() - t0
         seconds, fixed = timed[key]
         phases = config.phases(sized)
         room = budget_s * (1 - MARGIN) - elapsed_s() - fixed
         planned = sum(float(p["epochs"]) * s for p, s in zip(phases, seconds, strict=True))
         epochs = sum(float(p["epochs"]) for p in phases) * max(0.0, room) / planned
         options.append((i, seconds, fixed, epochs))
+    if skipped:
+        log(f"budget: sizes {skipped} not timed: the start-up allowance was spent")
     if table:
         score = {i: expected_accuracy(table[i], e) for i, _, _, e in options}
         chosen = max(options, key=lambda o: (score[o[0]], -o[0]))

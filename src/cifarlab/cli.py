@@ -11,6 +11,20 @@ from pathlib import Path
 from cifarlab import __version__
 from cifarlab.errors import Interrupted, UserError
 
+MAIN_EXAMPLES = """Train, compare and serve small-image classifiers. For example:
+
+  cifarlab train --recipe fast --budget 15m --data cifar10 --out runs/fast
+  cifarlab evaluate runs/fast
+  cifarlab serve runs/fast            # a prediction service with a web page
+
+`cifarlab recipes` lists what to train; `cifarlab COMMAND --help` says more."""
+
+TRAIN_EXAMPLES = """Train a recipe into a run directory. For example:
+
+  cifarlab train --recipe fast --budget 15m --data cifar10 --out runs/fast
+  cifarlab train --recipe seed-cnn --data photos/ --epochs 5 --set augment.cutout=8
+  cifarlab train --resume runs/fast    # continue an interrupted run"""
+
 FLAG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr"}
 
 
@@ -45,6 +59,7 @@ def cmd_train(args) -> None:
             "pass --data PATH (image folder, archive, CIFAR-10 folder or 'cifar10'), "
             "or --resume RUN_DIR"
         )
+    check_budget_unit(args.budget)
     overrides = overrides_from(args)
     if args.pretrained_source is not None or args.weights is not None:
         overrides.update(pretrained_overrides(args))
@@ -63,6 +78,20 @@ def cmd_train(args) -> None:
     if "test" in result:
         line += f"  test_accuracy {result['test']['accuracy']:.4f}"
     print(line + f"  train time {result['train_seconds']:.0f}s")
+
+
+def check_budget_unit(text: str | None) -> None:
+    """A --budget without a unit is seconds: refused where that cannot be what was meant (under
+    a minute), else taken with a note."""
+    if text is None or not text.strip().replace(".", "", 1).isdigit():
+        return
+    value = float(text)
+    if value < 60:
+        raise UserError(
+            f"--budget {text} has no unit and {value:g} seconds is too short to train; "
+            f"write {text}m for minutes (or {text}s if you mean seconds)"
+        )
+    print(f"cifarlab: --budget {text} has no unit: read as {value:g} seconds", file=sys.stderr)
 
 
 def pretrained_overrides(args) -> dict:
@@ -286,19 +315,29 @@ def cmd_data_download(args) -> None:
 
 
 def cmd_recipes(args) -> None:
+    import shutil
+    import textwrap
+
     from cifarlab import config
 
-    if args.show:
+    name = args.show or args.name
+    if name:
         text = (
             (config.RECIPES / "defaults.yaml").read_text()
-            if args.show == "defaults"
-            else config.dump(config.load_recipe(args.show))
+            if name == "defaults"
+            else config.dump(config.load_recipe(name))
         )
         print(text, end="")
         return
-    for name in config.recipe_names():
-        desc = " ".join(str(config.load_recipe(name)["description"]).split())
-        print(f"{name:<18}{desc[:100]}")
+    width = max(60, min(shutil.get_terminal_size((100, 20)).columns, 120))
+    for recipe_name in config.recipe_names():
+        recipe = config.load_recipe(recipe_name)
+        text = " ".join(str(recipe["summary"] or recipe["description"]).split())
+        lines = textwrap.wrap(text, width - 20, break_long_words=False) or [""]
+        print(f"{recipe_name:<20}{lines[0]}")
+        for line in lines[1:]:
+            print(" " * 20 + line)
+    print("\nshow one in full: cifarlab recipes NAME   (every key: cifarlab recipes defaults)")
 
 
 def cmd_bench(args) -> None:
@@ -329,11 +368,20 @@ def cmd_bench(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifarlab", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="cifarlab",
+        description=MAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a recipe on a dataset into a run directory")
+    t = sub.add_parser(
+        "train",
+        help="train a recipe on a dataset into a run directory",
+        description=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument(
         "--recipe", default="seed-cnn", help="recipe name (see `cifarlab recipes`) or YAML file"
     )
@@ -472,8 +520,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench/results", help="folder for the JSON and PNG")
     b.set_defaults(func=cmd_bench)
 
-    rc = sub.add_parser("recipes", help="list the shipped recipes")
-    rc.add_argument("--show", metavar="NAME", help="print a resolved recipe (or 'defaults')")
+    rc = sub.add_parser("recipes", help="list the shipped recipes, or show one in full")
+    rc.add_argument("name", nargs="?", help="print this resolved recipe (or 'defaults')")
+    rc.add_argument("--show", metavar="NAME", help="same as NAME")
     rc.set_defaults(func=cmd_recipes)
     return p
 

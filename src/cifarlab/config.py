@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from cifarlab import schema
 from cifarlab.errors import UserError
 
 RECIPES = resources.files("cifarlab") / "recipes"
@@ -86,13 +87,18 @@ def resolve(recipe: dict, overrides: dict[str, Any] | None = None) -> dict:
                 phase[key.removeprefix("*phases.")] = value
         else:
             set_key(merged, key, value)
+    if not schema.PHASES.check(merged["phases"]):
+        raise UserError(
+            f"recipe key phases = {merged['phases']!r} is not allowed: use a list of mappings "
+            "of `train` keys (fix the recipe)"
+        )
     for i, phase in enumerate(merged["phases"]):
         unknown = set(phase) - set(merged["train"]) - {"name"}
         if unknown:
             raise UserError(
                 f"phases[{i}] has unknown key(s) {sorted(unknown)}; use keys of `train`"
             )
-    return merged
+    return schema.validate(merged)
 
 
 def _merge(base: dict, update: dict, prefix: str) -> None:
