@@ -179,3 +179,23 @@ def test_export_and_onnx_mistakes_are_one_line_errors(argv, message, run, tmp_pa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, missing, extra",
+    [
+        (["serve", "MODEL"], "python_multipart", "serve"),
+        (["serve", "MODEL"], "fastapi", "serve"),
+        (["predict", "MODEL.onnx", "IMG"], "onnxruntime", "serve"),
+        (["export", "MODEL"], "onnx", "serve"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(argv, missing, extra, monkeypatch, capsys):
+    import sys
+
+    from cifarlab.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install 'cifarlab[{extra}]'" in err[0] and missing in err[0]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cifarlab import __version__
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, UserError, require
 
 MAIN_EXAMPLES = """Train, compare and serve small-image classifiers. For example:
 
@@ -205,6 +205,8 @@ def cmd_predict(args) -> None:
 
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be at least 1")
+    if str(args.model).lower().endswith(".onnx"):
+        require("onnxruntime", what="predicting with an .onnx model")
     predictor = api.load(args.model, device=args.device or "cpu")
     paths = expand_inputs(args.inputs)
     write = prediction_writer(
@@ -258,6 +260,8 @@ def prediction_writer(fmt: str, k: int, path_width: int, label_width: int):
 def cmd_export(args) -> None:
     from cifarlab import api
 
+    if args.format == "onnx":
+        require("onnx", "onnxscript", "onnxruntime", what="cifarlab export --format onnx")
     path, report = api.export(args.model, args.format, args.out, args.images)
     if args.json:
         print(json.dumps(report))
@@ -273,12 +277,11 @@ def cmd_export(args) -> None:
 def cmd_serve(args) -> None:
     from cifarlab import api
 
-    try:
-        from cifarlab import serve
-    except ImportError as e:
-        raise UserError(
-            f"serving needs {e.name}: pip install 'cifarlab[serve]' (fastapi, uvicorn, ...)"
-        ) from None
+    require("fastapi", "uvicorn", "python_multipart", what="cifarlab serve")
+    if str(args.model).lower().endswith(".onnx"):
+        require("onnxruntime", what="serving an .onnx model")
+    from cifarlab import serve
+
     predictor = api.load(args.model, device=args.device or "cpu")
     app = serve.create_app(
         predictor,

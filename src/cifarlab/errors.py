@@ -7,3 +7,30 @@ class UserError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; the message says what was kept and how to continue."""
+
+
+# optional dependencies: the import name, and the pip extra that installs it
+EXTRAS = {
+    "onnx": "serve",
+    "onnxruntime": "serve",
+    "onnxscript": "serve",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "python_multipart": "serve",
+    "mlflow": "",
+}
+
+
+def require(*modules: str, what: str) -> None:
+    """Fail with one line naming the extra to install when an optional dependency is missing."""
+    import importlib.util
+
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package is missing, or a stub in sys.modules
+            found = False
+        if not found:
+            extra = EXTRAS.get(name, "serve")
+            pip = f"pip install 'cifarlab[{extra}]'" if extra else "pip install cifarlab"
+            raise UserError(f"{what} needs the {name} package, which is not installed: {pip}")

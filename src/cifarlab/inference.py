@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cifarlab import checkpoint, runtime
 from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, require
 from cifarlab.loader import prepare
 
 
@@ -185,6 +185,7 @@ class OnnxPredictor(BasePredictor):
     `threads` sets ONNX Runtime's intra-op threads (default: as many as PyTorch uses)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
+        require("onnxruntime", what="running an .onnx model")
         import onnxruntime as ort
 
         from cifarlab.export import read_metadata
