@@ -172,3 +172,35 @@ def test_report_loads_in_headless_chromium_without_errors(runs, tmp_path):
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape[1] >= 1000 and image.shape[0] >= 2000  # the whole page, plots included
     assert image.std() > 20  # not a blank page
+
+
+def test_an_interrupted_run_can_be_reported_and_evaluated(
+    tiny_folder, tiny_recipe, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    import cifarlab
+    from cifarlab.cli import main
+
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside epoch 2 (5 steps an epoch)
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        cifarlab.train(tiny_recipe, tiny_folder, out, progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert not (out / "metrics.json").exists()
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "interrupted after epoch 1" in page and "scored last.pt" in page
+    assert "confusion matrix" in page  # scored, not only the curves
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--no-track"]) == 0
+    printed = capsys.readouterr().out
+    assert f"scored: {out / 'last.pt'} (interrupted after epoch 1)" in printed

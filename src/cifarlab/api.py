@@ -81,7 +81,18 @@ def evaluate(
     from cifarlab.metrics import metrics
     from cifarlab.training import align_classes, split_data
 
-    predictor = load(model, device)
+    run = Path(model)
+    scored = str(checkpoint_path(run))
+    if run.is_dir() and not (run / "metrics.json").is_file() and (run / "last.pt").is_file():
+        from cifarlab.inference import Predictor
+        from cifarlab.report import interrupted_model
+
+        net, info, epochs = interrupted_model(run)  # an unfinished run: its latest weights
+        recipe = config.load_run(run)
+        predictor = Predictor(net, info, device, recipe["precision"], recipe["memory_format"])
+        scored = f"{run / 'last.pt'} (interrupted after epoch {epochs})"
+    else:
+        predictor = load(model, device)
     if data is None:
         run = Path(model)
         if not (run / "config.yaml").is_file():
@@ -94,7 +105,12 @@ def evaluate(
     probs = predictor.probs(dataset.images)
     if tta:
         probs = (probs + predictor.probs(dataset.images[:, :, ::-1])) / 2
-    return metrics(probs, dataset.labels, predictor.classes)
+    return {**metrics(probs, dataset.labels, predictor.classes), "scored": scored}
+
+
+def checkpoint_path(model: Path) -> Path:
+    """The file a model path means: a run directory's best.pt, else the path itself."""
+    return model / "best.pt" if model.is_dir() else model
 
 
 def predict(

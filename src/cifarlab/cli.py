@@ -189,6 +189,7 @@ def cmd_evaluate(args) -> None:
     if args.json:
         print(json.dumps(m))
         return
+    print(f"scored: {m['scored']}")
     print(f"accuracy {m['accuracy']:.4f}   loss {m['loss']:.4f}   n {m['n']}")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'accuracy':>10}{'n':>7}")
     for name, c in m["per_class"].items():
@@ -452,7 +453,9 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     rp = sub.add_parser("report", help="HTML report of a run, or of several runs side by side")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    rp.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories (finished or interrupted)"
+    )
     rp.add_argument(
         "--out", help="HTML file (default: RUN_DIR/report.html; ./report.html for several runs)"
     )

@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from cifarlab import __version__, config, plots
+from cifarlab import __version__, checkpoint, config, plots
 from cifarlab.data import ImageSet
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_text
@@ -61,17 +62,25 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """metrics.json, history.csv and config.yaml of a finished run."""
+    """metrics.json, history.csv and config.yaml of a run; an interrupted run (no metrics.json,
+    but last.pt) is scored here from last.pt on its validation split (`interrupted` set)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
+    extra = {}
     if not path.is_file():
-        raise UserError(
-            f"{run_dir} has no metrics.json; pass the directory of a finished training run"
-        )
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); retrain or restore the file") from None
+        if not (run_dir / "last.pt").is_file():
+            raise UserError(
+                f"{run_dir} has no metrics.json or last.pt; pass a training run's directory"
+            )
+        metrics, probs, val_set = score_interrupted(run_dir)
+        extra = {"probs": probs, "val_set": val_set}
+    else:
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path} is not valid JSON ({e}); retrain or restore the file"
+            ) from None
     recipe_text = (
         (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     )
@@ -83,7 +92,57 @@ def read_run(run_dir: str | Path) -> dict:
         "history": read_history(run_dir / "history.csv"),
         "recipe": recipe,
         "recipe_text": recipe_text,
+        **extra,
     }
+
+
+def interrupted_model(run_dir: Path) -> tuple[torch.nn.Module, dict, int]:
+    """The weights last.pt holds (the averaged ones where the run kept an EMA), in the
+    architecture best.pt describes; with best.pt's info and the number of finished epochs."""
+    model, info = checkpoint.load_model(run_dir / "best.pt")
+    last = checkpoint.read(run_dir / "last.pt")
+    ema = last.get("ema") or {}
+    weights = (
+        {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        if ema
+        else last["model"]
+    )
+    model.load_state_dict(weights)
+    return model.eval(), info, len(last["state"]["history"])
+
+
+def score_interrupted(run_dir: Path) -> tuple[dict, np.ndarray, ImageSet]:
+    """metrics.json's fields for a run that did not finish: last.pt scored (plain, no TTA) on
+    the run's validation split, in the precision and memory format the run decided."""
+    from cifarlab.loader import BatchLoader
+    from cifarlab.metrics import metrics, predict_probs
+    from cifarlab.models import count_parameters
+    from cifarlab.training import phase_summaries, split_data
+
+    recipe = config.load_run(run_dir)
+    recipe["data"]["test"] = None
+    train_set, val_set, _ = split_data(recipe)
+    model, info, epochs = interrupted_model(run_dir)
+    device = torch.device("cpu")
+    channels_last = recipe["memory_format"] == "channels_last"
+    model.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    loader = BatchLoader(val_set, 500, device, info["preprocess"], channels_last=channels_last)
+    probs = predict_probs(model, loader, 0, recipe["precision"] == "bf16")
+    history = read_history(run_dir / "history.csv")
+    result = {
+        "recipe": recipe["name"],
+        "interrupted_after_epoch": epochs,
+        "scored": "last.pt",
+        "classes": val_set.classes,
+        "n_train": len(train_set),
+        "parameters": count_parameters(model),
+        "device": "cpu",
+        "train_seconds": sum(r["seconds"] for r in history),
+        "best": info.get("metrics", {}),
+        "phases": phase_summaries(history),
+        "val": metrics(probs, val_set.labels, val_set.classes),
+    }
+    return result, probs, val_set
 
 
 def read_history(path: Path) -> list[dict]:
@@ -133,8 +192,14 @@ def run_report(
             figures["classes"] = embed(png / "classes.png", "per-class accuracy")
         probs_path = run_dir / "val_probs.npy"
         cal = None
-        if val and probs_path.is_file():
-            probs = np.load(probs_path)
+        if "probs" in run:  # an interrupted run, scored just now
+            notes.append(
+                f"interrupted after epoch {m['interrupted_after_epoch']}: "
+                "scored last.pt (plain, no test-time augmentation)"
+            )
+            val_set = run["val_set"]
+        if val and ("probs" in run or probs_path.is_file()):
+            probs = run["probs"] if "probs" in run else np.load(probs_path)
             if val_set is None:
                 val_set, why = validation_set(run_dir, len(probs))
                 if why:
