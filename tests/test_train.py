@@ -215,7 +215,7 @@ def test_bad_compile_setting_is_a_one_line_error(tiny_folder, tiny_recipe, tmp_p
          str(tmp_path / "r"), "--set", "compile=sometimes", "--no-track"]
     )  # fmt: skip
     assert code == 2
-    assert "unknown compile setting" in capsys.readouterr().err
+    assert "recipe key compile = 'sometimes' is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -413,7 +413,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
     t.add_argument("--budget", help="size the schedule to finish in this time here (e.g. 15m, 1h)")
     add_pretrained_flags(t)
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     add_tracking_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -431,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, help="train every row on a stratified subset of N images")
     c.add_argument("--seed", type=int)
     c.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     add_tracking_flags(c)
     c.set_defaults(
         func=cmd_compare,
@@ -535,6 +535,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "no_progress", False):
+        from cifarlab import progress
+
+        progress.enabled(False)
     try:
         args.func(args)
     except UserError as e:

@@ -106,7 +106,8 @@ def compare(
     if tracker is not None:
         tracker.start_parent(f"compare {out.name}", {"data": str(data), "recipes": names})
     try:
-        for p in plans:
+        for i, p in enumerate(plans, 1):
+            print(f"compare: row group {i}/{len(plans)}: {p['recipe']['name']}", file=sys.stderr)
             table["rows"] += run_rows(p, test, progress, tracker, seconds)
             write_table(table, out)
     except BaseException:

@@ -28,6 +28,7 @@ from cifarlab import __version__, checkpoint, config
 from cifarlab.data.image import read_image
 from cifarlab.errors import UserError
 from cifarlab.inference import Preprocessed, expand_inputs, fit_images
+from cifarlab.progress import bar
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -238,7 +239,8 @@ def _batches(images: np.ndarray, size: int = 64):
 
 def _collect(run_batch, images: np.ndarray) -> np.ndarray:
     """Logits of image 0 alone, then of all images in batches: N + 1 rows."""
-    return np.concatenate([np.asarray(run_batch(b), dtype=np.float32) for b in _batches(images)])
+    batches = bar(list(_batches(images)), desc="verifying export", unit="batch")
+    return np.concatenate([np.asarray(run_batch(b), dtype=np.float32) for b in batches])
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from cifarlab.augment import AugmentConfig
 from cifarlab.data import ImageSet
 from cifarlab.errors import UserError
 from cifarlab.loader import BatchLoader
+from cifarlab.progress import bar
 
 EXTRACT_BATCH = 128  # images per backbone pass while filling the cache
 VIEW_SEED = 7_919  # augmented view v of a run with seed s draws from seed s * VIEW_SEED + v
@@ -111,7 +112,7 @@ class FeatureCache:
 @torch.no_grad()
 def _extract(model: torch.nn.Module, loader: BatchLoader, seed: int, bf16: bool) -> torch.Tensor:
     out = []
-    for x, _ in loader.epoch(seed):
+    for x, _ in bar(loader.epoch(seed), total=len(loader), desc="extracting features"):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out.append(model.features(x).float())
     return torch.cat(out)

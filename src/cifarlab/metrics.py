@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.loader import BatchLoader
+from cifarlab.progress import bar
 
 
 def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
@@ -24,12 +25,15 @@ def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
 
 
 @torch.no_grad()
-def predict_probs(model, loader: BatchLoader, tta: int = 0, bf16: bool = False) -> np.ndarray:
+def predict_probs(
+    model, loader: BatchLoader, tta: int = 0, bf16: bool = False, desc: str = "scoring"
+) -> np.ndarray:
     """Softmax probabilities for every image the loader serves, in order; `tta` (a level, see
-    `tta_views`; True = 1) averages the predictions of each image's views."""
+    `tta_views`; True = 1) averages the predictions of each image's views. `desc` names the
+    progress bar (shown on a terminal)."""
     model.eval()
     out = []
-    for x, _ in loader.epoch():
+    for x, _ in bar(loader.epoch(), total=len(loader), desc=desc, unit="batch"):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             p = sum(wt * F.softmax(model(v).float(), dim=1) for wt, v in tta_views(x, int(tta)))
         out.append(p.float().cpu())

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from cifarlab import budget, checkpoint, config, feature_cache
 from cifarlab.augment import AugmentConfig
@@ -26,6 +25,8 @@ from cifarlab.loader import BatchLoader
 from cifarlab.lookahead import Lookahead
 from cifarlab.metrics import metrics, predict_probs
 from cifarlab.models import build_model, count_parameters
+from cifarlab.progress import bar as progress_bar
+from cifarlab.progress import enabled as progress_enabled
 from cifarlab.runtime import (  # noqa: F401  (re-exported: other modules import them from here)
     Choice,
     decide,
@@ -135,6 +136,7 @@ def fit(
     the current step: `Interrupted` says whether `last.pt` holds finished epochs to resume
     from; a run interrupted before its first epoch leaves no run directory behind."""
     existed = out.exists()
+    progress_enabled(progress)
     try:
         return _fit(recipe, out, resume, progress, tracker, budget_s)
     except KeyboardInterrupt:
@@ -322,14 +324,10 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
             if set_trainable is not None:
                 set_trainable(phase["freeze"])  # re-applies eval mode to frozen BatchNorm layers
             loss_sum = correct = seen = 0.0
-            bar = tqdm(
+            bar = progress_bar(
                 batches.epoch(epoch_seed(recipe["seed"], p_i, epoch), index=epoch),
                 total=len(batches),
                 desc=f"{phase['name']} {epoch + 1}/{epochs}",
-                leave=False,
-                disable=not progress,
-                file=sys.stderr,
-                dynamic_ncols=True,
             )
             for i, (x, y) in enumerate(bar):
                 if epoch * len(train_loader) + i >= horizon[0]:  # a fractional last epoch
@@ -357,7 +355,7 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
             val_probs = (
                 cache.val_probs(scored, bf16)  # plain: TTA is for the final scoring
                 if cache
-                else predict_probs(scored, val_loader, 0, bf16)
+                else predict_probs(scored, val_loader, 0, bf16, desc="validating")
             )
             val = metrics(val_probs, val_set.labels, classes)
             row = {
@@ -470,16 +468,22 @@ def finish(
     }
     for name, data in (("val", val_set), ("test", test_set)):
         if data is not None and len(data):
-            probs = predict_probs(best, BatchLoader(data, 500, **kw), tta, bf16)
+            desc = f"scoring {name}" + (f" (TTA {tta})" if tta else "")
+            probs = predict_probs(best, BatchLoader(data, 500, **kw), tta, bf16, desc=desc)
             result[name] = metrics(probs, data.labels, data.classes)
             result[name]["ece"] = report.expected_calibration_error(probs, data.labels)
             np.save(out / f"{name}_probs.npy", probs)
+    stages = progress_bar(total=3, desc="writing the plots, report and tracking")
     write_json(out / "metrics.json", result)
     plots.curves(state["history"], out / "curves.png")
     scored = result.get("test") or result["val"]
     plots.confusion(np.array(scored["confusion"]), scored["classes"], out / "confusion.png")
+    stages.update()
     report.run_report(out, val_set)
+    stages.update()
     tracker.finish(result, out)
+    stages.update()
+    stages.close()
     return result
 
 
