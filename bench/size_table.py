@@ -13,6 +13,7 @@ beside other work; its seconds do.
 
 import argparse
 import csv
+import hashlib
 import json
 import tempfile
 import time
@@ -32,7 +33,8 @@ def one_run(recipe: str, data: str, size: int, epochs: float, runs: Path) -> dic
     base = config.load_recipe(recipe)
     settings = base["budget"]["sizes"][size]
     warmup_share = float(base["train"]["warmup_epochs"]) / float(base["train"]["epochs"])
-    out = runs / f"{recipe}-size{size}-{epochs:g}ep"
+    tag = hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:6]
+    out = runs / f"{recipe}-size{size}-{tag}-{epochs:g}ep"
     started = time.perf_counter()
     result = cifarlab.train(
         recipe,

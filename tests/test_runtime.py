@@ -88,7 +88,9 @@ def test_a_real_measurement_on_a_small_model():
         torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)
     )
     model(torch.zeros(1, 3, 16, 16))
+    rng = torch.get_rng_state()
     choice = decide("auto", "auto", CPU, 1, model=model, input_size=16, batch=4)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
     assert choice.precision in ("fp32", "bf16") and all(v > 0 for v in choice.rates.values())
     assert model[0].weight.grad is None  # measured on a copy
 

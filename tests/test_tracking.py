@@ -133,6 +133,7 @@ def test_a_training_run_is_recorded_on_a_tracking_server(
     assert params["train.epochs"] == "2" and params["train.lr"] == "0.01"
     assert params["model.name"] == "seed_cnn" and params["model.widths"] == "[8, 16]"
     assert params["data.source"] == str(tiny_folder) and params["name"] == "tiny"
+    assert params["precision"] == "fp32" and params["memory_format"] == "contiguous"  # decided
 
     # per-epoch metrics are the history.csv rows; final metrics are metrics.json's
     history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]

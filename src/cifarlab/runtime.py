@@ -234,11 +234,11 @@ def step_rate(
     net.to(memory_format=fmt)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0) if train and params else None
+    rng = torch.get_rng_state()  # restored after: measuring must not move the run's stream
     x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
     y = torch.randint(0, 2, (batch,), device=device)
-    rng = torch.get_rng_state()
 
     def once():
         if opt is not None:

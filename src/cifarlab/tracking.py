@@ -275,6 +275,8 @@ class MlflowTracker:
 
     def _finish(self, result: dict, out: Path) -> None:
         final = {"train_seconds": result["train_seconds"], "parameters": result["parameters"]}
+        for key, rate in result.get("runtime", {}).get("measured_images_per_s", {}).items():
+            final[f"measured_{key.replace('/', '_')}_images_per_s"] = rate  # the precision check
         for split in ("val", "test"):
             for key in ("accuracy", "loss", "ece"):
                 if key in result.get(split, {}):

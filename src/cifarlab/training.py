@@ -236,7 +236,7 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
             lambda: time.perf_counter() - started, log,
             build=build, overhead_s=time.perf_counter() - loaded,
         )  # fmt: skip
-        if planned.resized:  # the budget affords a larger size of the recipe
+        if planned.resized:  # the budget chose another size of the recipe
             model = build(recipe["model"])
             aug = AugmentConfig(**recipe["augment"])
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
