@@ -271,3 +271,18 @@ def test_planning_stops_timing_sizes_once_its_allowance_is_spent(monkeypatch):
     assert len(timed) == 1 < len(recipe["budget"]["sizes"])
     assert time.perf_counter() - started < 1.0
     assert any("not timed" in line for line in logged)
+
+
+def test_a_budget_too_small_to_train_says_so_before_training(
+    tiny_folder, tiny_recipe, tmp_path, monkeypatch, capsys
+):
+    from cifarlab import budget
+    from cifarlab.cli import main
+
+    monkeypatch.setattr(budget, "time_steps", lambda *a, **k: 100.0)  # a very slow machine
+    argv = ["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder)]
+    argv += ["--out", str(tmp_path / "run"), "--budget", "1m", "--no-track"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "affords" in err and "training steps" in err and "larger --budget" in err
+    assert not (tmp_path / "run").exists()  # nothing half-written left behind

@@ -15,8 +15,8 @@ from cifarlab.inference import OnnxPredictor, Predictor
 
 from .conftest import CLASSES, make_folder
 
-TINY_RECIPE = (
-    "name: tiny\n"
+TINY_RECIPE = (  # fp32: the exported graph is fp32, and PyTorch must agree with it to 1e-5
+    "name: tiny\nprecision: fp32\n"
     "model: {name: seed_cnn, widths: [8, 16], convs_per_block: 1, dense: 16, dropout: 0.1}\n"
     "data: {val_fraction: 0.25}\n"
     "train: {epochs: 2, batch_size: 8, lr: 0.01}\n"

@@ -128,3 +128,17 @@ def test_under_the_avx2_emulation_auto_trains_in_fp32(tiny_folder, tiny_fast_rec
     assert "bf16/" not in first and "forbids native bf16" in first  # bf16 was never timed
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["precision"] == "fp32"  # recorded, so --resume reuses it
+
+
+def test_the_benchmarks_peak_takes_a_fraction_of_a_second_even_where_bf16_is_emulated():
+    code = (
+        "import time, torch; from cifarlab.bench import matmul_peak; t = time.perf_counter(); "
+        "p = matmul_peak(torch.bfloat16); print(p, time.perf_counter() - t)"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    peak, seconds = map(float, done.stdout.split())
+    assert peak > 0 and seconds < 5  # one emulated bf16 2048^2 product alone takes ~7 s here

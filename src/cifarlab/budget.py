@@ -20,6 +20,7 @@ from cifarlab import config, schema
 from cifarlab.errors import UserError
 from cifarlab.metrics import tta_views
 from cifarlab.runtime import probe_batch
+from cifarlab.step import train_step
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
 UNMEASURED_DROP = 0.03  # accuracy a size is assumed to lose per halving below its shortest run
@@ -47,8 +48,6 @@ def time_steps(model, loader, phase: dict, bf16: bool, steps: int = 2, warmup: i
     """Seconds per training step of `phase` on `loader` (the run's own data path and training
     step), on a copy of the model. The loader may serve smaller batches than training does:
     the caller scales the time to the real batch."""
-    from cifarlab.step import train_step
-
     model = copy.deepcopy(model).train()
     if hasattr(model, "set_trainable"):
         model.set_trainable(phase["freeze"])
@@ -294,6 +293,13 @@ def plan(
         recipe.update(with_size(recipe, sizes[i]))
     phases = config.phases(recipe)
     factor = scale_epochs(phases, epoch_seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
+    steps = sum(float(p["epochs"]) * factor * len(loader_for(p)) for p in phases)
+    if steps < 10:
+        raise UserError(
+            f"a budget of {budget_s:.0f}s affords {steps:.1f} training steps of "
+            f"{recipe['name']} on this machine (one epoch: {sum(epoch_seconds):.0f}s); "
+            "give a larger --budget"
+        )
     recipe["train"]["epochs"] = round(float(recipe["train"]["epochs"]) * factor, 3)
     recipe["train"]["warmup_epochs"] = round(float(recipe["train"]["warmup_epochs"]) * factor, 3)
     for p in recipe["phases"]:

@@ -35,7 +35,10 @@ def save_model(
     classes: list[str],
     preprocess: dict,
     metrics: dict | None = None,
+    trained_in: dict | None = None,
 ) -> None:
+    """A self-describing model file; `trained_in` ({precision, memory_format}: what the run
+    decided) is what inference follows by default, so predictions match the run's metrics."""
     atomic_save(
         {
             "format": FORMAT,
@@ -45,6 +48,7 @@ def save_model(
             "classes": list(classes),
             "preprocess": preprocess,
             "metrics": metrics or {},
+            "trained_in": trained_in or {},
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         },
         path,

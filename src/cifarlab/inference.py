@@ -151,6 +151,14 @@ class Predictor(BasePredictor):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         size = int(self.preprocess["input_size"])
+        trained_in = info.get("trained_in") or {}
+        if precision == "auto" and trained_in and self.device.type == "cpu":
+            # what the run trained and scored in, so predictions match its metrics; bf16 only
+            # where this CPU has it natively (a model trained on AMX may run on a laptop)
+            precision = trained_in["precision"]
+            if precision == "bf16" and not runtime.native_bf16()[0]:
+                precision = "fp32"
+            memory_format = trained_in.get("memory_format", memory_format)
         self.choice = runtime.decide(
             precision,
             memory_format,
@@ -224,19 +232,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def load_predictor(path: str | Path, device: str = "cpu", precision: str = "auto") -> BasePredictor:
     """A predictor for a run directory, a checkpoint or an exported .onnx file (always fp32).
-    A run directory's predictor keeps the precision its training decided (so `evaluate` agrees
-    with the run's metrics.json); otherwise `auto` is measured here."""
+    `auto`: the precision the checkpoint was trained in (so `evaluate` agrees with the run's
+    metrics.json; bf16 only where native here), measured here for a checkpoint without one."""
     if Path(path).suffix.lower() == ".onnx":
         return OnnxPredictor(path)
-    run_config, memory_format = Path(path) / "config.yaml", "auto"
-    if precision == "auto" and run_config.is_file() and str(device) == "cpu":
-        import yaml
-
-        saved = yaml.safe_load(run_config.read_text()) or {}
-        precision = saved.get("precision", "auto")
-        memory_format = saved.get("memory_format", "auto")
-    model, info = checkpoint.load_model(path)
-    return Predictor(model, info, device, precision, memory_format)
+    return Predictor.from_checkpoint(path, device, precision)
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[Path]:

@@ -3,11 +3,14 @@ best checkpoint kept, early stopping, exact resume from the last finished epoch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -138,9 +141,53 @@ def fit(
     existed = out.exists()
     progress_enabled(progress)
     try:
-        return _fit(recipe, out, resume, progress, tracker, budget_s)
+        with CTRL_C.installed():
+            return _fit(recipe, out, resume, progress, tracker, budget_s)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(out, existed)) from None
+    except UserError:  # e.g. a budget too small: found before the first step
+        discard_unstarted(out, existed)
+        raise
+
+
+class CtrlC:
+    """SIGINT while a training step runs is held until the step is done, then raised as
+    KeyboardInterrupt (a KeyboardInterrupt raised inside a C++ op's callback or a `__del__`
+    can be swallowed); anywhere else, and at a second Ctrl-C, it is raised at once."""
+
+    def __init__(self):
+        self.holding = self.asked = False
+
+    def handler(self, signum, frame):
+        if self.holding and not self.asked:
+            self.asked = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.asked:
+            self.asked = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+        previous = signal.signal(signal.SIGINT, self.handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+CTRL_C = CtrlC()
 
 
 def interrupted_message(out: Path, existed: bool) -> str:
@@ -152,11 +199,18 @@ def interrupted_message(out: Path, existed: bool) -> str:
             f"interrupted; {out}/last.pt holds {len(state['history'])} finished epoch(s): "
             f"continue with `cifarlab train --resume {out}`"
         )
+    discard_unstarted(out, existed)
+    return f"interrupted before the first epoch finished: nothing resumable was written ({out} removed)"
+
+
+def discard_unstarted(out: Path, existed: bool) -> None:
+    """Remove what a run wrote before its first finished epoch (none if it has a last.pt)."""
+    if (out / "last.pt").is_file():
+        return
     for name in ("config.yaml", "best.pt", "history.csv"):
         (out / name).unlink(missing_ok=True)
     if not existed and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
-    return f"interrupted before the first epoch finished: nothing resumable was written ({out} removed)"
 
 
 @reuse_freed_memory()
@@ -184,6 +238,7 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
     )
     recipe["precision"], recipe["memory_format"] = choice.precision, choice.memory_format
     bf16, channels_last = choice.bf16, choice.channels_last
+    trained_in = {"precision": choice.precision, "memory_format": choice.memory_format}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", config.dump(recipe))
     preprocess["image_size"] = recipe["data"]["image_size"]
@@ -332,7 +387,8 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
             for i, (x, y) in enumerate(bar):
                 if epoch * len(train_loader) + i >= horizon[0]:  # a fractional last epoch
                     break
-                loss, logits = train_step(net, opt, x, y, bf16, float(phase["label_smoothing"]))
+                with CTRL_C.deferred():  # Ctrl-C lands between steps, never inside one
+                    loss, logits = train_step(net, opt, x, y, bf16, float(phase["label_smoothing"]))
                 sched.step()
                 if ema is not None:
                     ema.update_parameters(model)
@@ -383,6 +439,7 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
                     classes,
                     preprocess,
                     {"val_accuracy": val["accuracy"], "phase": phase["name"], "epoch": epoch + 1},
+                    trained_in,
                 )
             else:
                 state["stale"] += 1
@@ -408,6 +465,7 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
                     classes,
                     preprocess,
                     {"val_accuracy": val["accuracy"], "phase": phase["name"], "epoch": epoch + 1},
+                    trained_in,
                 )
             checkpoint.atomic_save(
                 {
