@@ -66,7 +66,8 @@ def _absolute(source: str | Path) -> str:
 def load(path: str | Path, device: str = "cpu", precision: str = "auto"):
     """A predictor for a run directory, a checkpoint file or an exported .onnx file (run by
     ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`.
-    `precision` auto: a run's own decision, else measured here (cifarlab.runtime)."""
+    `precision` auto: what the checkpoint was trained in (bf16 only where native here), else
+    measured here (cifarlab.runtime)."""
     from cifarlab.inference import load_predictor
 
     return load_predictor(path, device, precision)

@@ -130,8 +130,9 @@ class BasePredictor:
 
 class Predictor(BasePredictor):
     """A checkpoint ready for inference in PyTorch. `precision` and `memory_format` follow
-    training's rule (cifarlab.runtime): `auto` times a few forward passes in each candidate
-    (bf16 only on a CPU with native bf16) and keeps the fastest; `choice` says what was chosen."""
+    training's rule (cifarlab.runtime): `auto` uses what the checkpoint was trained in (bf16 only
+    on a CPU with native bf16), and for a checkpoint without that record times a few forward
+    passes in each candidate; `choice` says what was chosen."""
 
     def __init__(
         self,
