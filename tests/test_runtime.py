@@ -142,3 +142,17 @@ def test_the_benchmarks_peak_takes_a_fraction_of_a_second_even_where_bf16_is_emu
     assert done.returncode == 0, done.stderr
     peak, seconds = map(float, done.stdout.split())
     assert peak > 0 and seconds < 5  # one emulated bf16 2048^2 product alone takes ~7 s here
+
+
+def test_bf16_pinned_under_the_avx2_emulation_warns_with_the_measured_slow_down(
+    tiny_folder, tiny_fast_recipe, tmp_path
+):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    cmd = [sys.executable, "-m", "cifarlab", "train", "--recipe", str(tiny_fast_recipe)]
+    cmd += ["--data", str(tiny_folder), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    cmd += ["--precision", "bf16", "--no-track"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert first.startswith("device: cpu bf16") and "warning: precision bf16 is pinned" in first
+    assert "slower than fp32" in first and "--precision auto" in first

@@ -282,7 +282,10 @@ def decide(
         batch = max(2, batch)
 
         def timer(bf16: bool, channels_last: bool) -> float:
-            return step_rate(model, input_size, bf16, channels_last, train, batch)
+            # emulated bf16 (pinned against the machine) is timed on a few images: seconds,
+            # where a full probe batch could take minutes
+            small = bf16 and not (native if native is not None else native_bf16())[0]
+            return step_rate(model, input_size, bf16, channels_last, train, 4 if small else batch)
 
     if device.type == "cuda":  # no measuring: these are right on every card that has them
         bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
