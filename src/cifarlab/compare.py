@@ -27,6 +27,7 @@ import torch
 from cifarlab import config
 from cifarlab.errors import UserError
 from cifarlab.files import atomic_write_text
+from cifarlab.progress import bar
 
 SEED_RECIPES = ("seed-cnn", "seed-resnet50")
 #: The seed notebook's published test accuracies (GPU, ImageNet weights for ResNet50).
@@ -213,7 +214,7 @@ def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) ->
     device = resolve_device(recipe["device"])
     images = labels = None
     rows = []
-    for phase, path in checkpoints:
+    for phase, path in bar(checkpoints, desc=f"scoring {recipe['name']}", unit="row"):
         if not path.is_file():
             rows.append(row(recipe, phase, run_dir, status="not run", reason=f"no {path.name}"))
             continue
