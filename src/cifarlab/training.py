@@ -37,8 +37,6 @@ from cifarlab.runtime import (  # noqa: F401  (re-exported: other modules import
     probe_batch,
     resolve_device,
     set_threads,
-    use_bf16,
-    use_channels_last,
     use_compile,
 )
 from cifarlab.step import train_step
@@ -509,10 +507,9 @@ def finish(
     device = next(model.parameters()).device
     best.to(device)
     tta = int(recipe["train"]["eval_tta"])
-    channels_last = use_channels_last(recipe["memory_format"], device)
+    channels_last, bf16 = choice.channels_last, choice.bf16  # as the run trained
     kw = dict(device=device, preprocess=info["preprocess"], channels_last=channels_last)
     best.to(memory_format=memory_format(channels_last))
-    bf16 = use_bf16(recipe["precision"], device)
     result = {
         "recipe": recipe["name"],
         "classes": train_set.classes,
