@@ -65,14 +65,22 @@ def test_resume_after_a_crash_mid_epoch_matches_a_clean_run(
     )
 
 
+def slow_recipe(tmp_path, epochs: int, augment: str = "{}"):
+    """A recipe whose epochs take long enough to be stopped in the middle of (pinned fp32 and
+    contiguous: the same numerics in every process)."""
+    path = tmp_path / "slow.yaml"
+    path.write_text(
+        "name: slow\nprecision: fp32\nmemory_format: contiguous\n"
+        "model: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
+        f"data: {{val_fraction: 0.25}}\naugment: {augment}\n"
+        f"train: {{epochs: {epochs}, batch_size: 4, lr: 0.003}}\n"
+    )
+    return path
+
+
 def test_kill_9_then_resume_matches_clean_run(tmp_path):
     tiny_folder = make_folder(tmp_path / "data", per_class=100)
-    recipe = tmp_path / "slow.yaml"
-    recipe.write_text(
-        "name: slow\nprecision: fp32\nmemory_format: contiguous\nmodel: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
-        "data: {val_fraction: 0.25}\naugment: {flip: true, translate: 2}\n"
-        "train: {epochs: 4, batch_size: 4, lr: 0.003}\n"
-    )
+    recipe = slow_recipe(tmp_path, epochs=4, augment="{flip: true, translate: 2}")
     cmd = [sys.executable, "-m", "cifarlab", "train", "--recipe", str(recipe)]
     cmd += ["--data", str(tiny_folder), "--no-progress", "--no-track"]
     subprocess.run(cmd + ["--out", str(tmp_path / "clean")], check=True, capture_output=True)
@@ -235,12 +243,7 @@ def test_ctrl_c_before_the_first_epoch_ends_leaves_no_run_directory(
 
 def test_ctrl_c_stops_within_a_step_and_says_how_to_resume(tmp_path):
     data = make_folder(tmp_path / "data", per_class=100)
-    recipe = tmp_path / "slow.yaml"
-    recipe.write_text(
-        "name: slow\nprecision: fp32\nmemory_format: contiguous\n"
-        "model: {name: seed_cnn, widths: [16, 32], convs_per_block: 2, dense: 32}\n"
-        "data: {val_fraction: 0.25}\ntrain: {epochs: 50, batch_size: 4, lr: 0.003}\n"
-    )
+    recipe = slow_recipe(tmp_path, epochs=50)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifarlab", "train", "--recipe", str(recipe), "--data", str(data)]
     proc = subprocess.Popen(

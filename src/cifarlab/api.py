@@ -85,12 +85,9 @@ def evaluate(
     run = Path(model)
     scored = str(checkpoint_path(run))
     if run.is_dir() and not (run / "metrics.json").is_file() and (run / "last.pt").is_file():
-        from cifarlab.inference import Predictor
-        from cifarlab.report import interrupted_model
+        from cifarlab.report import interrupted_predictor
 
-        net, info, epochs = interrupted_model(run)  # an unfinished run: its latest weights
-        recipe = config.load_run(run)
-        predictor = Predictor(net, info, device, recipe["precision"], recipe["memory_format"])
+        predictor, epochs = interrupted_predictor(run, device)  # its latest weights
         scored = f"{run / 'last.pt'} (interrupted after epoch {epochs})"
     else:
         predictor = load(model, device)

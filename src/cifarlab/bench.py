@@ -22,7 +22,7 @@ from cifarlab.data import ImageSet
 from cifarlab.heap import reuse_freed_memory
 from cifarlab.loader import BatchLoader
 from cifarlab.models import build_model
-from cifarlab.runtime import Choice, decide, probe_batch, use_compile
+from cifarlab.runtime import Choice, decide_for_recipe, use_compile
 from cifarlab.step import train_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +49,7 @@ def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 5, seco
     if n is None:
         top, n = (8192 if DEVICE == "cuda" else 2048), 256
         while n < top:
-            once = _best_ms(lambda n=n: _product(n, dtype)(), 1) / 1e3
+            once = _best_ms(_product(n, dtype), 1) / 1e3  # inputs made outside the timing
             if once * 20 > seconds:
                 break
             n *= 2
@@ -135,14 +135,8 @@ def _sized_model(recipe_name: str, size: int) -> tuple[dict, dict, torch.nn.Modu
     recipe = with_size(recipe, settings)
     model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
     input_size = int(pre["input_size"])
-    choice = decide(
-        recipe["precision"],
-        recipe["memory_format"],
-        torch.device(DEVICE),
-        torch.get_num_threads(),
-        model=model.to(DEVICE),
-        input_size=input_size,
-        batch=probe_batch(input_size, recipe["train"]["batch_size"]),
+    choice = decide_for_recipe(
+        recipe, model.to(DEVICE), input_size, torch.device(DEVICE), torch.get_num_threads()
     )
     return recipe, settings, model, input_size, choice
 
@@ -278,14 +272,12 @@ def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
         [str(i) for i in range(10)],
     )
     model, pre = build_model(recipe["model"], 10, size, pretrained=False)
-    choice = decide(
-        recipe["precision"],
-        recipe["memory_format"],
+    choice = decide_for_recipe(
+        recipe,
+        model.to(DEVICE),
+        int(pre["input_size"]),
         torch.device(DEVICE),
         torch.get_num_threads(),
-        model=model.to(DEVICE),
-        input_size=int(pre["input_size"]),
-        batch=probe_batch(int(pre["input_size"]), recipe["train"]["batch_size"]),
     )
     loader = BatchLoader(
         data,

@@ -203,7 +203,7 @@ def row(recipe: dict, phase: str, run_dir: Path, **values) -> dict:
 def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) -> list[dict]:
     """Score each row's checkpoint on the test set (or the run's validation split)."""
     from cifarlab.inference import Predictor
-    from cifarlab.training import resolve_device
+    from cifarlab.runtime import resolve_device
 
     phases = config.phases(recipe)
     if len(phases) == 1:

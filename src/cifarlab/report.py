@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cifarlab import __version__, checkpoint, config, plots
 from cifarlab.data import ImageSet
@@ -96,9 +95,12 @@ def read_run(run_dir: str | Path) -> dict:
     }
 
 
-def interrupted_model(run_dir: Path) -> tuple[torch.nn.Module, dict, int]:
-    """The weights last.pt holds (the averaged ones where the run kept an EMA), in the
-    architecture best.pt describes; with best.pt's info and the number of finished epochs."""
+def interrupted_predictor(run_dir: Path, device: str = "cpu"):
+    """A predictor of the weights last.pt holds (the averaged ones where the run kept an EMA),
+    in the architecture, preprocessing and precision best.pt records; with the number of
+    finished epochs."""
+    from cifarlab.inference import Predictor
+
     model, info = checkpoint.load_model(run_dir / "best.pt")
     last = checkpoint.read(run_dir / "last.pt")
     ema = last.get("ema") or {}
@@ -108,26 +110,21 @@ def interrupted_model(run_dir: Path) -> tuple[torch.nn.Module, dict, int]:
         else last["model"]
     )
     model.load_state_dict(weights)
-    return model.eval(), info, len(last["state"]["history"])
+    return Predictor(model, info, device), len(last["state"]["history"])
 
 
 def score_interrupted(run_dir: Path) -> tuple[dict, np.ndarray, ImageSet]:
     """metrics.json's fields for a run that did not finish: last.pt scored (plain, no TTA) on
-    the run's validation split, in the precision and memory format the run decided."""
-    from cifarlab.loader import BatchLoader
-    from cifarlab.metrics import metrics, predict_probs
+    the run's validation split, as `cifarlab evaluate` scores it."""
+    from cifarlab.metrics import metrics
     from cifarlab.models import count_parameters
     from cifarlab.training import phase_summaries, split_data
 
     recipe = config.load_run(run_dir)
     recipe["data"]["test"] = None
     train_set, val_set, _ = split_data(recipe)
-    model, info, epochs = interrupted_model(run_dir)
-    device = torch.device("cpu")
-    channels_last = recipe["memory_format"] == "channels_last"
-    model.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    loader = BatchLoader(val_set, 500, device, info["preprocess"], channels_last=channels_last)
-    probs = predict_probs(model, loader, 0, recipe["precision"] == "bf16")
+    predictor, epochs = interrupted_predictor(run_dir)
+    probs = predictor.probs(val_set.images)
     history = read_history(run_dir / "history.csv")
     result = {
         "recipe": recipe["name"],
@@ -135,10 +132,10 @@ def score_interrupted(run_dir: Path) -> tuple[dict, np.ndarray, ImageSet]:
         "scored": "last.pt",
         "classes": val_set.classes,
         "n_train": len(train_set),
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(predictor.model),
         "device": "cpu",
         "train_seconds": sum(r["seconds"] for r in history),
-        "best": info.get("metrics", {}),
+        "best": predictor.info.get("metrics", {}),
         "phases": phase_summaries(history),
         "val": metrics(probs, val_set.labels, val_set.classes),
     }

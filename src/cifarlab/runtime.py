@@ -276,6 +276,11 @@ def decide(
     values are kept; `auto` is measured among the candidates this device has. Pinning bf16 on a
     CPU without native bf16 is kept, with a warning note carrying the measured slow-down."""
     precision, fmt = check_precision(precision), check_memory_format(memory_format_setting)
+    if device.type == "cuda":  # no measuring: these are right on every card that has them
+        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        cl = fmt != "contiguous"
+        return Choice(str(device), "bf16" if bf16 else "fp32", _fmt_name(cl), threads)
+    native_ok, why = native if native is not None else native_bf16()
     if timer is None:
         if model is None:
             raise ValueError("decide needs a model or a timer")
@@ -284,14 +289,9 @@ def decide(
         def timer(bf16: bool, channels_last: bool) -> float:
             # emulated bf16 (pinned against the machine) is timed on a few images: seconds,
             # where a full probe batch could take minutes
-            small = bf16 and not (native if native is not None else native_bf16())[0]
-            return step_rate(model, input_size, bf16, channels_last, train, 4 if small else batch)
+            images = 4 if bf16 and not native_ok else batch
+            return step_rate(model, input_size, bf16, channels_last, train, images)
 
-    if device.type == "cuda":  # no measuring: these are right on every card that has them
-        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-        cl = fmt != "contiguous"
-        return Choice(str(device), "bf16" if bf16 else "fp32", _fmt_name(cl), threads)
-    native_ok, why = native if native is not None else native_bf16()
     # in order of preference: a later candidate must be SWITCH_MARGIN faster to be chosen, so
     # that measurement noise does not flip the decision (and the metrics) between two runs
     precisions = {"auto": [False, True] if native_ok else [False], "bf16": [True], "fp32": [False]}
@@ -321,6 +321,22 @@ def decide(
         if rates[_key(*bc)] > SWITCH_MARGIN * rates[_key(*best)]:
             best = bc
     return Choice(str(device), _prec_name(best[0]), _fmt_name(best[1]), threads, rates, note)
+
+
+def decide_for_recipe(
+    recipe: dict, model: torch.nn.Module, input_size: int, device: torch.device, threads: int
+) -> Choice:
+    """`decide` for training a recipe's model: its precision and memory_format settings, timed
+    with training steps of a probe batch sized to its input."""
+    return decide(
+        recipe["precision"],
+        recipe["memory_format"],
+        device,
+        threads,
+        model=model,
+        input_size=input_size,
+        batch=probe_batch(input_size, recipe["train"]["batch_size"]),
+    )
 
 
 def _key(bf16: bool, channels_last: bool) -> str:

@@ -253,7 +253,7 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def _start(self, recipe: dict, out: Path) -> None:
-        from cifarlab.training import resolve_device
+        from cifarlab.runtime import resolve_device
 
         self.run_id = self._new_run(
             out.name,

@@ -30,11 +30,10 @@ from cifarlab.metrics import metrics, predict_probs
 from cifarlab.models import build_model, count_parameters
 from cifarlab.progress import bar as progress_bar
 from cifarlab.progress import enabled as progress_enabled
-from cifarlab.runtime import (  # noqa: F401  (re-exported: other modules import them from here)
+from cifarlab.runtime import (
     Choice,
-    decide,
+    decide_for_recipe,
     memory_format,
-    probe_batch,
     resolve_device,
     set_threads,
     use_compile,
@@ -140,7 +139,7 @@ def fit(
     progress_enabled(progress)
     try:
         with CTRL_C.installed():
-            return _fit(recipe, out, resume, progress, tracker, budget_s)
+            return _fit(recipe, out, resume, tracker, budget_s)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(out, existed)) from None
     except UserError:  # e.g. a budget too small: found before the first step
@@ -212,7 +211,7 @@ def discard_unstarted(out: Path, existed: bool) -> None:
 
 
 @reuse_freed_memory()
-def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
+def _fit(recipe, out, resume, tracker, budget_s) -> dict:
     started = time.perf_counter()
     tracker = tracker or NullTracker()
     device = resolve_device(recipe["device"])
@@ -225,15 +224,8 @@ def _fit(recipe, out, resume, progress, tracker, budget_s) -> dict:
     classes = train_set.classes
     model, preprocess = build_model(recipe["model"], len(classes), recipe["data"]["image_size"])
     model.to(device)
-    choice = decide(  # measured here, once; resume reads the decision from config.yaml
-        recipe["precision"],
-        recipe["memory_format"],
-        device,
-        threads,
-        model=model,
-        input_size=int(preprocess["input_size"]),
-        batch=probe_batch(int(preprocess["input_size"]), recipe["train"]["batch_size"]),
-    )
+    # measured here, once; resume reads the decision from config.yaml
+    choice = decide_for_recipe(recipe, model, int(preprocess["input_size"]), device, threads)
     recipe["precision"], recipe["memory_format"] = choice.precision, choice.memory_format
     bf16, channels_last = choice.bf16, choice.channels_last
     trained_in = {"precision": choice.precision, "memory_format": choice.memory_format}
@@ -546,7 +538,7 @@ def estimate_epoch_seconds(
     choice: Choice, phases: list[dict], train_set: ImageSet, val_set: ImageSet
 ) -> list[float]:
     """Seconds per epoch of each phase, from the precision check's measured training rate
-    (inference taken as 3x faster); None where nothing was measured (a pinned setting)."""
+    (inference taken as 3x faster); empty where nothing was measured (pinned settings)."""
     rate = max(choice.rates.values(), default=0.0)
     if not rate:
         return []
