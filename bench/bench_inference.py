@@ -1,7 +1,7 @@
 """ONNX Runtime vs eager PyTorch inference throughput (images/s) on this CPU.
 
-Each model runs as `cifarlab.inference.Preprocessed` (uint8 NHWC images -> logits, preprocessing
-included): eagerly in PyTorch (`Predictor`) and, exported and verified by `cifarlab.export`, in
+Each model runs as `cifarlab.deploy.inference.Preprocessed` (uint8 NHWC images -> logits, preprocessing
+included): eagerly in PyTorch (`Predictor`) and, exported and verified by `cifarlab.deploy.export`, in
 ONNX Runtime (`OnnxPredictor`), with the same batch size and the same number of threads. The two
 are timed alternately, round after round, so a busy shared CPU hits both alike; the ratio is of
 the medians. Images are real CIFAR-10 validation images (the stratified seed-0 split; resized for
@@ -27,8 +27,8 @@ import torch
 from common import SHARED_DATA, save
 
 from cifarlab import __version__, config
-from cifarlab.export import export_model, synthetic_images
-from cifarlab.inference import OnnxPredictor, Predictor, fit_images
+from cifarlab.deploy.export import export_model, synthetic_images
+from cifarlab.deploy.inference import OnnxPredictor, Predictor, fit_images
 from cifarlab.models import CIFAR_MEAN, CIFAR_STD, build_model
 
 CLASSES = [f"class{i}" for i in range(10)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cifarlab.files import atomic_write_text
+from cifarlab.core.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg-train.tar.gz"

@@ -20,7 +20,7 @@ def one(recipe_name: str, reuse: bool, warmup: int = 3, steps: int = 6) -> dict:
     import torch.nn.functional as F
 
     from cifarlab import config
-    from cifarlab.heap import reuse_freed_memory
+    from cifarlab.core.heap import reuse_freed_memory
     from cifarlab.models import build_model
 
     recipe = config.load_recipe(recipe_name)

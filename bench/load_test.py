@@ -53,7 +53,8 @@ def jpegs(n: int) -> tuple[list[bytes], str]:
 
 def default_model(folder: Path) -> Path:
     """A seed-cnn checkpoint with random weights and the ten CIFAR-10 classes."""
-    from cifarlab import checkpoint, config
+    from cifarlab import config
+    from cifarlab.core import checkpoint
     from cifarlab.models import build_model
 
     classes = "airplane automobile bird cat deer dog frog horse ship truck".split()

@@ -1,6 +1,6 @@
 import torch
 
-from cifarlab.augment import AugmentConfig, augment, translate
+from cifarlab.data.augment import AugmentConfig, augment, translate
 
 
 def batch(n=16, size=8):
@@ -65,7 +65,7 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
     import numpy as np
 
     from cifarlab.data import ImageSet
-    from cifarlab.loader import BatchLoader
+    from cifarlab.data.loader import BatchLoader
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 6, 6, 3), dtype=np.uint8)
@@ -106,7 +106,7 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
 def test_unknown_flip_mode_is_a_user_error():
     import pytest
 
-    from cifarlab.errors import UserError
+    from cifarlab.core.errors import UserError
 
     with pytest.raises(UserError, match="alternate"):
         AugmentConfig(flip="sometimes")

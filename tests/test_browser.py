@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import cifarlab
-from cifarlab.serve import create_app
+from cifarlab.deploy.serve import create_app
 
 from .conftest import CLASSES
 from .test_export import train_tiny

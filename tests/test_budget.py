@@ -6,8 +6,8 @@ import yaml
 
 import cifarlab
 import cifarlab.config
-from cifarlab.budget import parse_budget, scale_epochs
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
+from cifarlab.training.budget import parse_budget, scale_epochs
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_budget_rewrites_the_epochs_in_the_saved_recipe(tiny_folder, tiny_recipe
 
 
 def test_replan_stretches_or_shrinks_what_is_left_to_the_measured_speed():
-    from cifarlab.budget import MARGIN, Plan
+    from cifarlab.training.budget import MARGIN, Plan
 
     recipe = {"train": {"epochs": 9.7}, "phases": []}
     plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=2.0, resized=False)
@@ -75,7 +75,7 @@ def test_replan_stretches_or_shrinks_what_is_left_to_the_measured_speed():
 
 
 def test_replan_never_reopens_a_finished_phase_or_undoes_done_steps():
-    from cifarlab.budget import Plan
+    from cifarlab.training.budget import Plan
 
     plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
     done = {"train": {"epochs": 2}, "phases": []}
@@ -89,7 +89,7 @@ def test_replan_never_reopens_a_finished_phase_or_undoes_done_steps():
 def test_a_budget_picks_the_larger_model_only_when_it_gets_enough_epochs(
     tiny_folder, tiny_fast_recipe, tmp_path
 ):
-    from cifarlab.tracking import NullTracker
+    from cifarlab.track.tracker import NullTracker
 
     class Recorder(NullTracker):
         def start(self, recipe, out):
@@ -120,7 +120,7 @@ def test_a_budget_picks_the_larger_model_only_when_it_gets_enough_epochs(
 
 
 def test_replan_ignores_one_stalled_epoch():
-    from cifarlab.budget import MARGIN, Plan
+    from cifarlab.training.budget import MARGIN, Plan
 
     plan = Plan(budget_s=1000.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
     recipe = {"train": {"epochs": 50}, "phases": []}
@@ -142,7 +142,7 @@ def test_a_budget_size_may_not_change_the_data(tiny_folder, tiny_fast_recipe, tm
 
 
 def test_replan_counts_a_compiled_first_epoch_as_time_spent_not_as_a_rate():
-    from cifarlab.budget import MARGIN, Plan
+    from cifarlab.training.budget import MARGIN, Plan
 
     plan = Plan(budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
     rows = [{"phase": "train", "seconds": 18.0}]  # 17 s of it was torch.compile
@@ -160,7 +160,7 @@ def test_replan_counts_a_compiled_first_epoch_as_time_spent_not_as_a_rate():
 
 
 def test_replan_keeps_the_warmups_share_until_it_is_over():
-    from cifarlab.budget import Plan
+    from cifarlab.training.budget import Plan
 
     plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
     recipe = {"train": {"epochs": 10, "warmup_epochs": 2.3}, "phases": []}
@@ -176,7 +176,7 @@ def test_replan_keeps_the_warmups_share_until_it_is_over():
 
 
 def test_replan_rates_epochs_by_the_wall_time_between_replans():
-    from cifarlab.budget import MARGIN, Plan
+    from cifarlab.training.budget import MARGIN, Plan
 
     plan = Plan(budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
     recipe = {"train": {"epochs": 90, "warmup_epochs": 0}, "phases": []}
@@ -189,7 +189,7 @@ def test_replan_rates_epochs_by_the_wall_time_between_replans():
 
 
 def test_expected_accuracy_interpolates_in_log_epochs_and_distrusts_the_unmeasured():
-    from cifarlab.budget import UNMEASURED_DROP, expected_accuracy
+    from cifarlab.training.budget import UNMEASURED_DROP, expected_accuracy
 
     points = {4: 0.80, 16: 0.90}
     assert expected_accuracy(points, 4) == pytest.approx(0.80)
@@ -234,7 +234,7 @@ def test_a_budget_picks_the_size_with_the_best_expected_accuracy(
 def test_planning_stops_timing_sizes_once_its_allowance_is_spent(monkeypatch):
     import time
 
-    from cifarlab import budget
+    from cifarlab.training import budget
 
     timed = []
 
@@ -276,8 +276,8 @@ def test_planning_stops_timing_sizes_once_its_allowance_is_spent(monkeypatch):
 def test_a_budget_too_small_to_train_says_so_before_training(
     tiny_folder, tiny_recipe, tmp_path, monkeypatch, capsys
 ):
-    from cifarlab import budget
     from cifarlab.cli import main
+    from cifarlab.training import budget
 
     monkeypatch.setattr(budget, "time_steps", lambda *a, **k: 100.0)  # a very slow machine
     argv = ["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder)]

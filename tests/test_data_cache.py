@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 import cifarlab.data.folder as folder_mod
+from cifarlab.core.errors import UserError
 from cifarlab.data import describe, load_images
 from cifarlab.data.cache import cache_key, cifarlab_home
-from cifarlab.errors import UserError
 
 
 @pytest.fixture(autouse=True)

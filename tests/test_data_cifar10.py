@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cifarlab.core.errors import UserError
 from cifarlab.data import download_cifar10, load_images
 from cifarlab.data.cifar10 import CLASSES, is_cifar10, read_cifar10, restricted_loads
 from cifarlab.data.download import file_md5
-from cifarlab.errors import UserError
 
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifarlab.core.errors import UserError
 from cifarlab.data.archive import iter_members, safe_extract
 from cifarlab.data.folder import read_image_folder
-from cifarlab.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 import cifarlab
-from cifarlab import export as export_module
 from cifarlab.cli import main
-from cifarlab.export import export, load_torchscript
-from cifarlab.inference import OnnxPredictor, Predictor
+from cifarlab.deploy import export as export_module
+from cifarlab.deploy.export import export, load_torchscript
+from cifarlab.deploy.inference import OnnxPredictor, Predictor
 
 from .conftest import CLASSES, make_folder
 

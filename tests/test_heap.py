@@ -3,7 +3,7 @@ import resource
 import pytest
 import torch
 
-from cifarlab.heap import _glibc, reuse_freed_memory
+from cifarlab.core.heap import _glibc, reuse_freed_memory
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc only")
 

@@ -1,6 +1,6 @@
 import torch
 
-from cifarlab.lookahead import Lookahead
+from cifarlab.training.callbacks.lookahead import Lookahead
 
 
 def model():

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.data import ImageSet
-from cifarlab.loader import BatchLoader
-from cifarlab.metrics import predict_probs, tta_views
+from cifarlab.data.loader import BatchLoader
+from cifarlab.eval.metrics import predict_probs, tta_views
 
 
 class PixelReader(torch.nn.Module):

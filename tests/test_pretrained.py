@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 from cifarlab.models import pretrained as pt
 from cifarlab.models.pretrained import LoadReport, load_pretrained, preprocess_config
 

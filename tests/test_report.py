@@ -15,8 +15,8 @@ from PIL import Image
 import cifarlab
 from cifarlab import config
 from cifarlab.cli import main
-from cifarlab.report import calibration, expected_calibration_error, run_report
-from cifarlab.training import split_data
+from cifarlab.report.html import calibration, expected_calibration_error, run_report
+from cifarlab.training.fit import split_data
 
 from .conftest import make_folder
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from cifarlab import runtime
-from cifarlab.runtime import decide, native_bf16
+from cifarlab.core import runtime
+from cifarlab.core.runtime import decide, native_bf16
 
 CPU = torch.device("cpu")
 AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
@@ -109,7 +109,7 @@ def test_threads_auto_follows_omp_num_threads_else_physical_cores(monkeypatch):
 
 @pytest.mark.parametrize("bad", [0, -2, "many", 1.5])
 def test_bad_threads_are_a_user_error(bad):
-    from cifarlab.errors import UserError
+    from cifarlab.core.errors import UserError
 
     with pytest.raises(UserError, match="threads"):
         runtime.set_threads(bad)

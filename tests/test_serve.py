@@ -17,8 +17,8 @@ from PIL import Image
 
 import cifarlab
 from cifarlab.data.image import decode_image
-from cifarlab.serve import bind, create_app
-from cifarlab.serve.batching import MicroBatcher
+from cifarlab.deploy.serve import bind, create_app
+from cifarlab.deploy.serve.batching import MicroBatcher
 
 from .conftest import CLASSES
 from .test_export import train_tiny

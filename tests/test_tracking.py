@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 import cifarlab
 from cifarlab.cli import main
 from cifarlab.data.image import read_image
-from cifarlab.tracking import MlflowTracker, flatten, parent_run
+from cifarlab.track.tracker import MlflowTracker, flatten, parent_run
 
 RUN_FILES = ("config.yaml", "history.csv", "metrics.json", "best.pt", "last.pt", "report.html")
 

@@ -230,7 +230,7 @@ def test_bad_compile_setting_is_a_one_line_error(tiny_folder, tiny_recipe, tmp_p
 def test_ctrl_c_before_the_first_epoch_ends_leaves_no_run_directory(
     tiny_folder, tiny_recipe, tmp_path, monkeypatch
 ):
-    from cifarlab.errors import Interrupted
+    from cifarlab.core.errors import Interrupted
 
     def interrupt(self, *a, **kw):
         raise KeyboardInterrupt

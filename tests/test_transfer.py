@@ -13,10 +13,10 @@ from torch import nn
 import cifarlab
 from cifarlab import config
 from cifarlab.cli import main
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 from cifarlab.models import build_model
 from cifarlab.models.transfer import build_transfer
-from cifarlab.training import split_data
+from cifarlab.training.fit import split_data
 
 from .conftest import crash_then_resume
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab import config
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 
 def train(
@@ -24,8 +24,8 @@ def train(
     """Train a recipe on `data` into run directory `out`; returns the run's metrics
     (with `run_dir`). `resume` continues a killed run from its directory. `budget` ('15m', or
     seconds) sizes the schedule to finish in about that time on this machine."""
-    from cifarlab.budget import parse_budget
-    from cifarlab.training import fit
+    from cifarlab.training.budget import parse_budget
+    from cifarlab.training.fit import fit
 
     budget_s = parse_budget(budget) if budget is not None else None
 
@@ -67,8 +67,8 @@ def load(path: str | Path, device: str = "cpu", precision: str = "auto"):
     """A predictor for a run directory, a checkpoint file or an exported .onnx file (run by
     ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`.
     `precision` auto: what the checkpoint was trained in (bf16 only where native here), else
-    measured here (cifarlab.runtime)."""
-    from cifarlab.inference import load_predictor
+    measured here (cifarlab.core.runtime)."""
+    from cifarlab.deploy.inference import load_predictor
 
     return load_predictor(path, device, precision)
 
@@ -79,13 +79,13 @@ def evaluate(
     """Metrics of a model on `data` (all of it; the test split for CIFAR-10). Without `data`,
     a run directory is scored on its own held-out validation split."""
     from cifarlab.data import load_images
-    from cifarlab.metrics import metrics
-    from cifarlab.training import align_classes, split_data
+    from cifarlab.eval.metrics import metrics
+    from cifarlab.training.fit import align_classes, split_data
 
     run = Path(model)
     scored = str(checkpoint_path(run))
     if run.is_dir() and not (run / "metrics.json").is_file() and (run / "last.pt").is_file():
-        from cifarlab.report import interrupted_predictor
+        from cifarlab.report.html import interrupted_predictor
 
         predictor, epochs = interrupted_predictor(run, device)  # its latest weights
         scored = f"{run / 'last.pt'} (interrupted after epoch {epochs})"
@@ -119,7 +119,7 @@ def predict(
     batch_size: int = 64,
 ) -> list[dict]:
     """Top-k classes for image files, folders or globs; unreadable files come back with `error`."""
-    from cifarlab.inference import expand_inputs
+    from cifarlab.deploy.inference import expand_inputs
 
     return list(load(model, device).predict_files(expand_inputs(inputs), top_k, batch_size))
 
@@ -131,7 +131,7 @@ def export(
     images: list[str] | None = None,
 ) -> tuple[Path, dict]:
     """Export a run directory or checkpoint to ONNX or TorchScript, verified against PyTorch;
-    returns (path, report). See cifarlab.export for what the exported model takes."""
-    from cifarlab.export import export as export_model
+    returns (path, report). See cifarlab.deploy.export for what the exported model takes."""
+    from cifarlab.deploy.export import export as export_model
 
     return export_model(model, fmt, out, images)

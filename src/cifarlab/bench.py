@@ -16,14 +16,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab import config
-from cifarlab.augment import AugmentConfig
-from cifarlab.budget import with_size
+from cifarlab.core.heap import reuse_freed_memory
+from cifarlab.core.runtime import Choice, decide_for_recipe, use_compile
 from cifarlab.data import ImageSet
-from cifarlab.heap import reuse_freed_memory
-from cifarlab.loader import BatchLoader
+from cifarlab.data.augment import AugmentConfig
+from cifarlab.data.loader import BatchLoader
 from cifarlab.models import build_model
-from cifarlab.runtime import Choice, decide_for_recipe, use_compile
-from cifarlab.step import train_step
+from cifarlab.training.budget import with_size
+from cifarlab.training.step import train_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

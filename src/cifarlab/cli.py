@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cifarlab import __version__
-from cifarlab.errors import Interrupted, UserError, require
+from cifarlab.core.errors import Interrupted, UserError, require
 
 MAIN_EXAMPLES = """Train, compare and serve small-image classifiers. For example:
 
@@ -128,7 +128,7 @@ def cmd_compare(args) -> None:
 
 def tracker_from(args):
     """An MLflow tracker unless --no-track: --tracking-uri, $MLFLOW_TRACKING_URI or ./mlflow.db."""
-    from cifarlab.tracking import MlflowTracker
+    from cifarlab.track.tracker import MlflowTracker
 
     return None if args.no_track else MlflowTracker(args.tracking_uri)
 
@@ -150,7 +150,7 @@ def add_tracking_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args) -> None:
-    from cifarlab import report
+    from cifarlab.report import html as report
 
     if len(args.runs) == 1:
         print(report.run_report(args.runs[0], out=args.out))
@@ -161,7 +161,7 @@ def cmd_report(args) -> None:
 def cmd_ui(args) -> None:
     import subprocess
 
-    from cifarlab.tracking import local_artifact_root, tracking_uri
+    from cifarlab.track.tracker import local_artifact_root, tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
@@ -202,7 +202,7 @@ def cmd_predict(args) -> None:
     from tqdm import tqdm
 
     from cifarlab import api
-    from cifarlab.inference import expand_inputs
+    from cifarlab.deploy.inference import expand_inputs
 
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("--top-k and --batch-size must be at least 1")
@@ -281,7 +281,7 @@ def cmd_serve(args) -> None:
     require("fastapi", "uvicorn", "python_multipart", what="cifarlab serve")
     if str(args.model).lower().endswith(".onnx"):
         require("onnxruntime", what="serving an .onnx model")
-    from cifarlab import serve
+    from cifarlab.deploy import serve
 
     predictor = api.load(args.model, device=args.device or "cpu")
     app = serve.create_app(
@@ -346,7 +346,7 @@ def cmd_recipes(args) -> None:
 
 def cmd_bench(args) -> None:
     from cifarlab import bench
-    from cifarlab.files import atomic_write_text
+    from cifarlab.core.files import atomic_write_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -536,7 +536,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if getattr(args, "no_progress", False):
-        from cifarlab import progress
+        from cifarlab.core import progress
 
         progress.enabled(False)
     try:

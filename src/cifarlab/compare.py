@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from cifarlab import config
-from cifarlab.errors import UserError
-from cifarlab.files import atomic_write_text
-from cifarlab.progress import bar
+from cifarlab.core.errors import UserError
+from cifarlab.core.files import atomic_write_text
+from cifarlab.core.progress import bar
 
 SEED_RECIPES = ("seed-cnn", "seed-resnet50")
 #: The seed notebook's published test accuracies (GPU, ImageNet weights for ResNet50).
@@ -202,8 +202,8 @@ def row(recipe: dict, phase: str, run_dir: Path, **values) -> dict:
 
 def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) -> list[dict]:
     """Score each row's checkpoint on the test set (or the run's validation split)."""
-    from cifarlab.inference import Predictor
-    from cifarlab.runtime import resolve_device
+    from cifarlab.core.runtime import resolve_device
+    from cifarlab.deploy.inference import Predictor
 
     phases = config.phases(recipe)
     if len(phases) == 1:
@@ -240,7 +240,7 @@ def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) ->
 
 def eval_set(recipe: dict, test, predictor) -> tuple[np.ndarray, np.ndarray]:
     from cifarlab.data import load_images
-    from cifarlab.training import align_classes, split_data
+    from cifarlab.training.fit import align_classes, split_data
 
     if test:
         data = load_images(test, image_size=predictor.image_size, split="test")
@@ -251,7 +251,7 @@ def eval_set(recipe: dict, test, predictor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score(predictor, images: np.ndarray, labels: np.ndarray) -> dict:
-    from cifarlab.metrics import metrics
+    from cifarlab.eval.metrics import metrics
 
     return metrics(predictor.probs(images), labels, predictor.classes)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cifarlab.core.errors import UserError
 from cifarlab.data.cache import cached
 from cifarlab.data.cifar10 import download_cifar10, is_cifar10, read_cifar10
 from cifarlab.data.dataset import ImageSet, stratified_limit, stratified_split
 from cifarlab.data.folder import read_image_folder
-from cifarlab.errors import UserError
 
 __all__ = [
     "ImageSet",

@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 _JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}

@@ -6,13 +6,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from cifarlab.core.files import atomic_path
 from cifarlab.data.dataset import ImageSet
 
 CACHE_VERSION = 1
@@ -73,16 +73,10 @@ def _load(path: Path) -> ImageSet | None:
 
 def _save(path: Path, data: ImageSet) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f, images=data.images, labels=data.labels, classes=np.array(data.classes, dtype=str)
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f, images=data.images, labels=data.labels, classes=np.array(data.classes, dtype=str)
+        )
 
 
 def cached(source_path: Path, params: dict, build: Callable[[], ImageSet]) -> ImageSet:

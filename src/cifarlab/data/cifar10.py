@@ -10,11 +10,11 @@ from typing import Literal
 
 import numpy as np
 
+from cifarlab.core.errors import UserError
 from cifarlab.data.archive import is_archive, iter_members, member_names
 from cifarlab.data.cache import cifarlab_home
 from cifarlab.data.dataset import ImageSet
 from cifarlab.data.download import download
-from cifarlab.errors import UserError
 
 BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 
 @dataclass

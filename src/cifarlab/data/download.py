@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
+from cifarlab.core.files import atomic_path
 
 TIMEOUT_S = 60
 _CHUNK = 1 << 20
@@ -43,10 +42,13 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
             f"cannot create the download folder {dest.parent} ({err}); "
             "set CIFARLAB_HOME to a writable folder"
         ) from err
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
+        with (
+            atomic_path(dest, suffix=".part") as tmp,
+            open(tmp, "wb") as out,
+            urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp,
+        ):
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=total,
@@ -59,14 +61,13 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
                     out.write(block)
                     h.update(block)
                     bar.update(len(block))
-        actual = h.hexdigest()
-        if md5 is not None and actual != md5.lower():
-            raise UserError(
-                f"checksum mismatch for {url}: expected md5 {md5.lower()}, got {actual}; "
-                "the download is corrupt or the file changed upstream: try again, or download it "
-                "yourself and pass the local archive's path instead"
-            )
-        os.replace(tmp, dest)
+            actual = h.hexdigest()
+            if md5 is not None and actual != md5.lower():
+                raise UserError(
+                    f"checksum mismatch for {url}: expected md5 {md5.lower()}, got {actual}; "
+                    "the download is corrupt or the file changed upstream: try again, or download it "
+                    "yourself and pass the local archive's path instead"
+                )
     except urllib.error.HTTPError as err:
         raise UserError(
             f"download of {url} failed: the server answered HTTP {err.code} ({err.reason}); check "
@@ -79,7 +80,4 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
             "here by other means and pass the path of the archive (or of its extracted folder) "
             "as the data source instead"
         ) from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cifarlab.core.errors import UserError
 from cifarlab.data.archive import ARCHIVE_SUFFIXES, is_archive, is_junk, iter_members
 from cifarlab.data.dataset import ImageSet
 from cifarlab.data.image import IMAGE_EXTENSIONS, BadImage, decode_image, is_image_name
-from cifarlab.errors import UserError
 
 POOL_MIN_IMAGES = 2000  # fewer images decode faster in this process than in a pool
 SPLIT_NAMES = {

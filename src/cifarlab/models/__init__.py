@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 SOURCES = ("auto", "hub", "file", "lite-pypi", "none")
 

@@ -25,7 +25,7 @@ import timm
 import torch
 from torch import nn
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 from cifarlab.models.pretrained import load_pretrained, preprocess_config
 
 MODEL_ARGS = {

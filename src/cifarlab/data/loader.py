@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from cifarlab.augment import AugmentConfig, augment
 from cifarlab.data import ImageSet
+from cifarlab.data.augment import AugmentConfig, augment
 
 
 class BatchLoader:

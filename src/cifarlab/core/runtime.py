@@ -26,8 +26,8 @@ from functools import cache
 
 import torch
 
-from cifarlab.errors import UserError
-from cifarlab.step import train_step
+from cifarlab.core.errors import UserError
+from cifarlab.training.step import train_step
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCH_MARGIN = 1.1  # how much faster than the safer choice (fp32, contiguous) another must be

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cifarlab.core.files import atomic_path  # noqa: E402
+
 
 def curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train vs val, with a line at each phase boundary."""
@@ -59,10 +61,9 @@ def confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=".png") as tmp:  # savefig goes by the extension
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def class_accuracy(runs: dict[str, dict[str, float]], path: Path) -> None:

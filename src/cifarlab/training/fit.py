@@ -18,19 +18,14 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cifarlab import budget, checkpoint, config, feature_cache
-from cifarlab.augment import AugmentConfig
-from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
-from cifarlab.errors import Interrupted, UserError
-from cifarlab.files import atomic_write_text
-from cifarlab.heap import reuse_freed_memory
-from cifarlab.loader import BatchLoader
-from cifarlab.lookahead import Lookahead
-from cifarlab.metrics import metrics, predict_probs
-from cifarlab.models import build_model, count_parameters
-from cifarlab.progress import bar as progress_bar
-from cifarlab.progress import enabled as progress_enabled
-from cifarlab.runtime import (
+from cifarlab import config
+from cifarlab.core import checkpoint
+from cifarlab.core.errors import Interrupted, UserError
+from cifarlab.core.files import atomic_write_text
+from cifarlab.core.heap import reuse_freed_memory
+from cifarlab.core.progress import bar as progress_bar
+from cifarlab.core.progress import enabled as progress_enabled
+from cifarlab.core.runtime import (
     Choice,
     decide_for_recipe,
     memory_format,
@@ -38,8 +33,16 @@ from cifarlab.runtime import (
     set_threads,
     use_compile,
 )
-from cifarlab.step import train_step
-from cifarlab.tracking import NullTracker
+from cifarlab.data import ImageSet, load_images, stratified_limit, stratified_split
+from cifarlab.data.augment import AugmentConfig
+from cifarlab.data.loader import BatchLoader
+from cifarlab.eval.metrics import metrics, predict_probs
+from cifarlab.models import build_model, count_parameters
+from cifarlab.track.tracker import NullTracker
+from cifarlab.training import budget
+from cifarlab.training.callbacks import feature_cache
+from cifarlab.training.callbacks.lookahead import Lookahead
+from cifarlab.training.step import train_step
 
 
 def log(msg: str) -> None:
@@ -493,7 +496,8 @@ def finish(
 ) -> dict:
     """Score the best checkpoint on val (and test) and write metrics.json, the plots and
     report.html."""
-    from cifarlab import plots, report
+    from cifarlab.report import html as report
+    from cifarlab.report import plots
 
     best, info = checkpoint.load_model(out / "best.pt")
     device = next(model.parameters()).device

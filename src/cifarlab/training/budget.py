@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from cifarlab import config, schema
-from cifarlab.errors import UserError
-from cifarlab.metrics import tta_views
-from cifarlab.runtime import probe_batch
-from cifarlab.step import train_step
+from cifarlab import config
+from cifarlab.config import schema
+from cifarlab.core.errors import UserError
+from cifarlab.core.runtime import probe_batch
+from cifarlab.eval.metrics import tta_views
+from cifarlab.training.step import train_step
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
 UNMEASURED_DROP = 0.03  # accuracy a size is assumed to lose per halving below its shortest run

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarlab import __version__, checkpoint, config, plots
+from cifarlab import __version__, config
+from cifarlab.core import checkpoint
+from cifarlab.core.errors import UserError
+from cifarlab.core.files import atomic_write_text
 from cifarlab.data import ImageSet
-from cifarlab.errors import UserError
-from cifarlab.files import atomic_write_text
+from cifarlab.report import plots
 
 BINS = 10  # reliability diagram / ECE bins
 MISTAKES = 32  # images in the grid of most confident mistakes
@@ -99,7 +101,7 @@ def interrupted_predictor(run_dir: Path, device: str = "cpu"):
     """A predictor of the weights last.pt holds (the averaged ones where the run kept an EMA),
     in the architecture, preprocessing and precision best.pt records; with the number of
     finished epochs."""
-    from cifarlab.inference import Predictor
+    from cifarlab.deploy.inference import Predictor
 
     model, info = checkpoint.load_model(run_dir / "best.pt")
     last = checkpoint.read(run_dir / "last.pt")
@@ -116,9 +118,9 @@ def interrupted_predictor(run_dir: Path, device: str = "cpu"):
 def score_interrupted(run_dir: Path) -> tuple[dict, np.ndarray, ImageSet]:
     """metrics.json's fields for a run that did not finish: last.pt scored (plain, no TTA) on
     the run's validation split, as `cifarlab evaluate` scores it."""
-    from cifarlab.metrics import metrics
+    from cifarlab.eval.metrics import metrics
     from cifarlab.models import count_parameters
-    from cifarlab.training import phase_summaries, split_data
+    from cifarlab.training.fit import phase_summaries, split_data
 
     recipe = config.load_run(run_dir)
     recipe["data"]["test"] = None
@@ -153,7 +155,7 @@ def read_history(path: Path) -> list[dict]:
 
 def validation_set(run_dir: Path, n: int) -> tuple[ImageSet | None, str]:
     """The run's validation images, recomputed from its recipe (or None and why not)."""
-    from cifarlab.training import split_data
+    from cifarlab.training.fit import split_data
 
     try:
         recipe = config.load_run(run_dir)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab.augment import AugmentConfig
+from cifarlab.core.errors import UserError
+from cifarlab.core.progress import bar
 from cifarlab.data import ImageSet
-from cifarlab.errors import UserError
-from cifarlab.loader import BatchLoader
-from cifarlab.progress import bar
+from cifarlab.data.augment import AugmentConfig
+from cifarlab.data.loader import BatchLoader
 
 EXTRACT_BATCH = 128  # images per backbone pass while filling the cache
 VIEW_SEED = 7_919  # augmented view v of a run with seed s draws from seed s * VIEW_SEED + v

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from cifarlab import schema
-from cifarlab.errors import UserError
+from cifarlab.config import schema
+from cifarlab.core.errors import UserError
 
 RECIPES = resources.files("cifarlab") / "recipes"
 FREE_SECTIONS = ("model",)  # sections whose keys are model arguments, not checked against defaults

@@ -25,9 +25,9 @@ from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from cifarlab.core.errors import UserError
 from cifarlab.data.image import BadImage, decode_image
-from cifarlab.errors import UserError
-from cifarlab.serve.batching import MicroBatcher
+from cifarlab.deploy.serve.batching import MicroBatcher
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per request
 MAX_FILES = 16  # per request
@@ -104,7 +104,7 @@ def create_app(
         max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode"
     )
     limits = Limits(max_upload_bytes=max_upload_bytes, max_files=max_files, max_pixels=max_pixels)
-    page = (resources.files("cifarlab.serve") / "static" / "index.html").read_text()
+    page = (resources.files("cifarlab.deploy.serve") / "static" / "index.html").read_text()
     n_classes = len(predictor.classes)
 
     @asynccontextmanager

@@ -253,7 +253,7 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def _start(self, recipe: dict, out: Path) -> None:
-        from cifarlab.runtime import resolve_device
+        from cifarlab.core.runtime import resolve_device
 
         self.run_id = self._new_run(
             out.name,
@@ -296,7 +296,7 @@ class MlflowTracker:
         from mlflow.models import Model, ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        from cifarlab.inference import Predictor
+        from cifarlab.deploy.inference import Predictor
 
         predictor = Predictor.from_checkpoint(checkpoint)
         signature = ModelSignature(

@@ -9,23 +9,16 @@ Both are written to a temporary file and renamed into place, so a kill never lea
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cifarlab import __version__
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
+from cifarlab.core.files import atomic_save
 
 FORMAT = "cifarlab-checkpoint"
-
-
-def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_model(

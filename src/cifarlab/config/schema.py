@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 
 @dataclass(frozen=True)

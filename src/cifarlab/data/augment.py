@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cifarlab.errors import UserError
+from cifarlab.core.errors import UserError
 
 
 @dataclass

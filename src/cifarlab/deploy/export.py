@@ -16,7 +16,6 @@ only a file whose logits agree within `TOLERANCE` is moved into place.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarlab import __version__, checkpoint, config
+from cifarlab import __version__, config
+from cifarlab.core import checkpoint
+from cifarlab.core.errors import UserError
+from cifarlab.core.files import atomic_path
+from cifarlab.core.progress import bar
 from cifarlab.data.image import read_image
-from cifarlab.errors import UserError
-from cifarlab.inference import Preprocessed, expand_inputs, fit_images
-from cifarlab.progress import bar
+from cifarlab.deploy.inference import Preprocessed, expand_inputs, fit_images
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -80,9 +81,8 @@ def export_model(
     pipeline = Preprocessed(model.cpu().eval(), info["preprocess"]).eval()
     images = fit_images(images, int(info["preprocess"]["image_size"]))
     meta = metadata(info)
-    tmp = out.with_name(f".{out.name}.tmp")
     t0 = time.perf_counter()
-    try:
+    with atomic_path(out) as tmp:  # replaces `out` only once the export is verified
         if fmt == "onnx":
             write_onnx(pipeline, meta, images, tmp)
             got = run_onnx(tmp, images)
@@ -96,9 +96,6 @@ def export_model(
                 f"the {fmt} export differs from PyTorch by up to {diff:.2e} in the logits "
                 f"(limit {TOLERANCE:.0e}); nothing was written. Try the other format"
             )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out, {
         "format": fmt,
         "path": str(out),
@@ -115,7 +112,7 @@ def export_model(
 
 def reference_images(ckpt: Path, size: int, n: int) -> tuple[np.ndarray, str]:
     """Up to n validation images of the run `ckpt` belongs to; synthetic ones if there is none."""
-    from cifarlab.training import split_data
+    from cifarlab.training.fit import split_data
 
     run = ckpt.parent
     if (run / "config.yaml").is_file():

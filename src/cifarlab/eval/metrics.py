@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab.loader import BatchLoader
-from cifarlab.progress import bar
+from cifarlab.core.progress import bar
+from cifarlab.data.loader import BatchLoader
 
 
 def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:

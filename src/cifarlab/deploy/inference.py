@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab import checkpoint, runtime
+from cifarlab.core import checkpoint, runtime
+from cifarlab.core.errors import UserError, require
 from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
-from cifarlab.errors import UserError, require
-from cifarlab.loader import prepare
+from cifarlab.data.loader import prepare
 
 
 class Preprocessed(torch.nn.Module):
@@ -130,7 +130,7 @@ class BasePredictor:
 
 class Predictor(BasePredictor):
     """A checkpoint ready for inference in PyTorch. `precision` and `memory_format` follow
-    training's rule (cifarlab.runtime): `auto` uses what the checkpoint was trained in (bf16 only
+    training's rule (cifarlab.core.runtime): `auto` uses what the checkpoint was trained in (bf16 only
     on a CPU with native bf16), and for a checkpoint without that record times a few forward
     passes in each candidate; `choice` says what was chosen."""
 
@@ -197,7 +197,7 @@ class OnnxPredictor(BasePredictor):
         require("onnxruntime", what="running an .onnx model")
         import onnxruntime as ort
 
-        from cifarlab.export import read_metadata
+        from cifarlab.deploy.export import read_metadata
 
         path = Path(path)
         if not path.is_file():
