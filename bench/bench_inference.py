@@ -26,7 +26,8 @@ import onnxruntime
 import torch
 from common import SHARED_DATA, save
 
-from cifarlab import __version__, config
+from cifarlab import config
+from cifarlab.core.version import __version__
 from cifarlab.deploy.export import export_model, synthetic_images
 from cifarlab.deploy.inference import OnnxPredictor, Predictor, fit_images
 from cifarlab.models import CIFAR_MEAN, CIFAR_STD, build_model

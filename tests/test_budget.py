@@ -25,13 +25,20 @@ def test_bad_budget_is_a_user_error(text):
 
 
 def test_scale_fills_the_room_after_fixed_costs():
-    phases = [{"epochs": 10}, {"epochs": 5}]
+    phases = cifarlab.config.phases(
+        cifarlab.config.resolve({"phases": [{"epochs": 10}, {"epochs": 5}]})
+    )
     factor = scale_epochs(phases, [2.0, 4.0], fixed_seconds=10, available_seconds=130)
     assert sum(
-        p["epochs"] * factor * s for p, s in zip(phases, [2.0, 4.0], strict=True)
+        p.epochs * factor * s for p, s in zip(phases, [2.0, 4.0], strict=True)
     ) == pytest.approx(120)
     with pytest.raises(UserError, match="larger --budget"):
         scale_epochs(phases, [2.0, 4.0], fixed_seconds=200, available_seconds=130)
+
+
+def recipe_of(train: dict) -> dict:
+    """A resolved single-phase recipe with these `train` keys."""
+    return cifarlab.config.resolve({"train": train})
 
 
 def rows(path):
@@ -61,29 +68,30 @@ def test_budget_rewrites_the_epochs_in_the_saved_recipe(tiny_folder, tiny_recipe
 def test_replan_stretches_or_shrinks_what_is_left_to_the_measured_speed():
     from cifarlab.training.budget import MARGIN, Plan
 
-    recipe = {"train": {"epochs": 9.7}, "phases": []}
-    plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=2.0, resized=False)
+    written = recipe_of({"epochs": 9.7})
+    plan = Plan({}, budget_s=100.0, epoch_seconds=[10.0], final_s=2.0, resized=False)
     slow = [{"phase": "train", "seconds": 20.0}]  # twice as slow as the plan thought
-    steps = plan.replan(recipe, 0, 1, 10, slow, elapsed_s=25.0, log=lambda m: None)
+    recipe, steps = plan.replan(written, 0, 1, 10, slow, elapsed_s=25.0, log=lambda m: None)
+    assert written["train"]["epochs"] == 9.7  # a new plan; the old recipe is left as it was
     expected = 1 + (100 * (1 - MARGIN) - 25 - 2) / 20
     assert steps == round(expected * 10)
     assert recipe["train"]["epochs"] == pytest.approx(expected, abs=1e-3)
     fast = [{"phase": "train", "seconds": 5.0}]
-    recipe = {"train": {"epochs": 9.7}, "phases": []}
-    steps = plan.replan(recipe, 0, 1, 10, fast, elapsed_s=10.0, log=lambda m: None)
+    recipe = recipe_of({"epochs": 9.7})
+    recipe, steps = plan.replan(recipe, 0, 1, 10, fast, elapsed_s=10.0, log=lambda m: None)
     assert steps == round((1 + (100 * (1 - MARGIN) - 10 - 2) / 5) * 10)
 
 
 def test_replan_never_reopens_a_finished_phase_or_undoes_done_steps():
     from cifarlab.training.budget import Plan
 
-    plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
-    done = {"train": {"epochs": 2}, "phases": []}
+    plan = Plan({}, budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
+    done = recipe_of({"epochs": 2})
     rows = [{"phase": "train", "seconds": 1.0}] * 2
-    assert plan.replan(done, 0, 2, 10, rows, elapsed_s=5.0, log=print) == 20  # stays finished
-    late = {"train": {"epochs": 5}, "phases": []}
+    assert plan.replan(done, 0, 2, 10, rows, elapsed_s=5.0, log=print)[1] == 20  # stays finished
+    late = recipe_of({"epochs": 5})
     rows = [{"phase": "train", "seconds": 60.0}]
-    assert plan.replan(late, 0, 1, 10, rows, elapsed_s=99.0, log=print) == 11  # one step more
+    assert plan.replan(late, 0, 1, 10, rows, elapsed_s=99.0, log=print)[1] == 11  # one step more
 
 
 def test_a_budget_picks_the_larger_model_only_when_it_gets_enough_epochs(
@@ -122,10 +130,10 @@ def test_a_budget_picks_the_larger_model_only_when_it_gets_enough_epochs(
 def test_replan_ignores_one_stalled_epoch():
     from cifarlab.training.budget import MARGIN, Plan
 
-    plan = Plan(budget_s=1000.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
-    recipe = {"train": {"epochs": 50}, "phases": []}
+    plan = Plan({}, budget_s=1000.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
+    recipe = recipe_of({"epochs": 50})
     rows = [{"phase": "train", "seconds": s} for s in (10.0, 90.0, 10.0)]  # another process ran
-    steps = plan.replan(recipe, 0, 3, 10, rows, elapsed_s=110.0, log=print)
+    recipe, steps = plan.replan(recipe, 0, 3, 10, rows, elapsed_s=110.0, log=print)
     assert steps == round((3 + (1000 * (1 - MARGIN) - 110) / 10) * 10)
 
 
@@ -144,47 +152,53 @@ def test_a_budget_size_may_not_change_the_data(tiny_folder, tiny_fast_recipe, tm
 def test_replan_counts_a_compiled_first_epoch_as_time_spent_not_as_a_rate():
     from cifarlab.training.budget import MARGIN, Plan
 
-    plan = Plan(budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
+    plan = Plan({}, budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
     rows = [{"phase": "train", "seconds": 18.0}]  # 17 s of it was torch.compile
     room = 100 * (1 - MARGIN) - 19.0
-    recipe = {"train": {"epochs": 80, "warmup_epochs": 18.4}, "phases": []}
-    steps = plan.replan(recipe, 0, 1, 10, rows, elapsed_s=19.0, log=print, one_off_first=True)
+    recipe = recipe_of({"epochs": 80, "warmup_epochs": 18.4})
+    recipe, steps = plan.replan(
+        recipe, 0, 1, 10, rows, elapsed_s=19.0, log=print, one_off_first=True
+    )
     assert steps == round((1 + room / 1.0) * 10)  # the planned rate, less the time spent
-    recipe = {"train": {"epochs": 80, "warmup_epochs": 18.4}, "phases": []}
-    steps = plan.replan(recipe, 0, 1, 10, rows, elapsed_s=19.0, log=print)
+    recipe = recipe_of({"epochs": 80, "warmup_epochs": 18.4})
+    recipe, steps = plan.replan(recipe, 0, 1, 10, rows, elapsed_s=19.0, log=print)
     assert steps == round((1 + room / 18.0) * 10)  # taken as a rate it would cut the run short
     rows += [{"phase": "train", "seconds": 2.0}] * 2  # later epochs set the rate
-    recipe = {"train": {"epochs": 80, "warmup_epochs": 18.4}, "phases": []}
-    steps = plan.replan(recipe, 0, 3, 10, rows, elapsed_s=23.0, log=print, one_off_first=True)
+    recipe = recipe_of({"epochs": 80, "warmup_epochs": 18.4})
+    recipe, steps = plan.replan(
+        recipe, 0, 3, 10, rows, elapsed_s=23.0, log=print, one_off_first=True
+    )
     assert steps == round((3 + (100 * (1 - MARGIN) - 23.0) / 2.0) * 10)
 
 
 def test_replan_keeps_the_warmups_share_until_it_is_over():
     from cifarlab.training.budget import Plan
 
-    plan = Plan(budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
-    recipe = {"train": {"epochs": 10, "warmup_epochs": 2.3}, "phases": []}
+    plan = Plan({}, budget_s=100.0, epoch_seconds=[10.0], final_s=0.0, resized=False)
+    recipe = recipe_of({"epochs": 10, "warmup_epochs": 2.3})
     rows = [{"phase": "train", "seconds": 20.0}]  # twice as slow: the run shrinks to ~4.9 epochs
-    plan.replan(recipe, 0, 1, 10, rows, elapsed_s=20.0, log=print)
+    recipe, _ = plan.replan(recipe, 0, 1, 10, rows, elapsed_s=20.0, log=print)
     train = recipe["train"]
     assert train["epochs"] < 5
     assert train["warmup_epochs"] / train["epochs"] == pytest.approx(0.23, abs=1e-3)
-    recipe = {"train": {"epochs": 10, "warmup_epochs": 2.3}, "phases": []}
+    recipe = recipe_of({"epochs": 10, "warmup_epochs": 2.3})
     rows = [{"phase": "train", "seconds": 20.0}] * 3
-    plan.replan(recipe, 0, 3, 10, rows, elapsed_s=60.0, log=print)  # the LR peaked at 2.3
+    recipe, _ = plan.replan(
+        recipe, 0, 3, 10, rows, elapsed_s=60.0, log=print
+    )  # the LR peaked at 2.3
     assert recipe["train"]["warmup_epochs"] == 2.3
 
 
 def test_replan_rates_epochs_by_the_wall_time_between_replans():
     from cifarlab.training.budget import MARGIN, Plan
 
-    plan = Plan(budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
-    recipe = {"train": {"epochs": 90, "warmup_epochs": 0}, "phases": []}
+    plan = Plan({}, budget_s=100.0, epoch_seconds=[1.0], final_s=0.0, resized=False)
+    recipe = recipe_of({"epochs": 90, "warmup_epochs": 0})
     rows, elapsed = [], 5.0
     for epoch in range(1, 5):  # 1 s of training and validation, 0.5 s of checkpoints and logs
         rows.append({"phase": "train", "seconds": 1.0})
         elapsed += 1.5
-        steps = plan.replan(recipe, 0, epoch, 10, rows, elapsed_s=elapsed, log=print)
+        recipe, steps = plan.replan(recipe, 0, epoch, 10, rows, elapsed_s=elapsed, log=print)
     assert steps == round((4 + (100 * (1 - MARGIN) - elapsed) / 1.5) * 10)
 
 

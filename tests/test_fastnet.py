@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from cifarlab import config
 from cifarlab.bench import flops_per_image, steady_curve, time_to_accuracy
 from cifarlab.models import build_model
 from cifarlab.models.fastnet import FastNet
@@ -67,7 +68,8 @@ def test_bench_curve_cli_writes_json_and_plot(tmp_path, capsys):
 
 def test_only_batchnorm_biases_get_the_larger_learning_rate():
     net = FastNet(10, widths=(8, 8, 8), bias_lr_scale=64.0)
-    normal, biases = net.param_groups({"lr": 0.1, "weight_decay": 0.01})
+    (phase,) = config.phases(config.resolve({"train": {"lr": 0.1, "weight_decay": 0.01}}))
+    normal, biases = net.param_groups(phase)
     assert biases["lr"] == 0.1 * 64 and biases["weight_decay"] == 0.01 / 64
     bn = [m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert {id(p) for p in biases["params"]} == {id(p) for p in bn}

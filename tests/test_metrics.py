@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from cifarlab.data import ImageSet
 from cifarlab.data.loader import BatchLoader
-from cifarlab.eval.metrics import predict_probs, tta_views
+from cifarlab.eval.predict import predict_probs, tta_views
 
 
 class PixelReader(torch.nn.Module):

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 import cifarlab
-from cifarlab import config
 from cifarlab.cli import main
-from cifarlab.report.html import calibration, expected_calibration_error, run_report
-from cifarlab.training.fit import split_data
+from cifarlab.core.rundir import RunDir
+from cifarlab.data.split import split_data
+from cifarlab.eval.metrics import calibration, expected_calibration_error
+from cifarlab.report.html import run_report
 
 from .conftest import make_folder
 
@@ -79,7 +80,7 @@ def test_every_run_directory_gets_a_self_contained_report(runs):
 def test_report_shows_mistakes_and_the_ece_of_the_validation_predictions(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "a", run)
-    labels = split_data(config.load_run(run))[1].labels
+    labels = split_data(RunDir(run).recipe())[1].labels
     # predictions with known mistakes: every third image confidently wrong
     probs = np.full((len(labels), 3), 0.05, dtype=np.float32)
     probs[np.arange(len(labels)), labels] = 0.9

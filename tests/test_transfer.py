@@ -14,9 +14,10 @@ import cifarlab
 from cifarlab import config
 from cifarlab.cli import main
 from cifarlab.core.errors import UserError
+from cifarlab.core.rundir import RunDir
+from cifarlab.data.split import split_data
 from cifarlab.models import build_model
 from cifarlab.models.transfer import build_transfer
-from cifarlab.training.fit import split_data
 
 from .conftest import crash_then_resume
 
@@ -111,7 +112,8 @@ def test_unknown_freeze_policy_is_a_user_error(policy):
 def test_layer_decay_and_weight_decay_scope_shape_the_optimizer_groups():
     model = tiny_net()
     model.set_trainable("none")
-    phase = {"lr": 0.1, "weight_decay": 0.01, "layer_decay": 0.5, "weight_decay_scope": "head"}
+    keys = {"lr": 0.1, "weight_decay": 0.01, "layer_decay": 0.5, "weight_decay_scope": "head"}
+    (phase,) = config.phases(config.resolve({"train": keys}))
     lr_of, wd_of = {}, {}
     for group in model.param_groups(phase):
         for p in group["params"]:
@@ -226,7 +228,7 @@ def test_transfer_checkpoint_reloads_and_predicts_as_in_training(tiny_folder, tm
     predictor = cifarlab.load(out)
     assert predictor.preprocess["resize_steps"] == [48]
     assert predictor.preprocess["interpolation"] == "bicubic"
-    _, val_set, _ = split_data(config.load_run(out))
+    _, val_set, _ = split_data(RunDir(out).recipe())
     probs = predictor.probs(val_set.images)
     np.testing.assert_allclose(probs, np.load(out / "val_probs.npy"), atol=1e-5)
     top = predictor.predict_files([tiny_folder / "cat" / "000.png"], k=2)
@@ -245,8 +247,8 @@ def test_seed_resnet50_runs_end_to_end_from_a_local_weights_file(tiny_folder, tm
     argv = ["train", "--recipe", "seed-resnet50", "--data", str(tiny_folder), "--out", str(out)]
     assert main(argv + ["--weights", str(weights)] + SHRINK) == 0
     assert f"pretrained: file from {weights}: " in capsys.readouterr().err
-    resolved = config.load_run(out)
-    assert [(p["name"], p["freeze"], p["lr"]) for p in config.phases(resolved)] == [
+    resolved = RunDir(out).recipe()
+    assert [(p.name, p.freeze, p.lr) for p in config.phases(resolved)] == [
         ("training", "head", 1e-4),
         ("fine-tuning", "conv-only", 1e-5),
     ]

@@ -8,6 +8,15 @@ from typing import Any
 
 from cifarlab import config
 from cifarlab.core.errors import UserError
+from cifarlab.core.rundir import RunDir
+from cifarlab.data import load_images
+from cifarlab.data.split import align_classes, split_data
+from cifarlab.deploy.export import export as export_model
+from cifarlab.deploy.inference import expand_inputs, load_predictor
+from cifarlab.eval.interrupted import interrupted_predictor
+from cifarlab.eval.metrics import metrics
+from cifarlab.training.budget import parse_budget
+from cifarlab.training.fit import fit
 
 
 def train(
@@ -20,44 +29,42 @@ def train(
     progress: bool = True,
     tracker=None,
     budget: str | float | None = None,
+    callbacks: list | None = None,
 ) -> dict:
     """Train a recipe on `data` into run directory `out`; returns the run's metrics
     (with `run_dir`). `resume` continues a killed run from its directory. `budget` ('15m', or
-    seconds) sizes the schedule to finish in about that time on this machine."""
-    from cifarlab.training.budget import parse_budget
-    from cifarlab.training.fit import fit
-
+    seconds) sizes the schedule to finish in about that time on this machine. `callbacks`
+    (cifarlab.training.events.Callback) are called after the run's own."""
     budget_s = parse_budget(budget) if budget is not None else None
 
     if resume is not None:
-        run = Path(resume)
-        if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
+        run = RunDir(resume)
+        if not run.resumable():
             raise UserError(
                 f"{run} has no last.pt/config.yaml to resume from; pass a run directory"
             )
-        resolved = config.load_run(run, overrides)
-        result = fit(resolved, run, resume=True, progress=progress, tracker=tracker)
+        result = fit(run.recipe(overrides), run.path, True, progress, tracker, callbacks=callbacks)
         return {**result, "run_dir": str(run)}
     overrides = dict(overrides or {})
     if data is not None:
-        overrides["data.source"] = _absolute(data)
+        overrides["data.source"] = absolute(data)
     if test is not None:
-        overrides["data.test"] = _absolute(test)
+        overrides["data.test"] = absolute(test)
     resolved = config.load_recipe(recipe, overrides)
     if not resolved["data"]["source"]:
         raise UserError(
             "no training data: pass --data PATH (an image folder, an archive or 'cifar10')"
         )
-    run = Path(out) if out else Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}"
-    if (run / "last.pt").exists():
+    run = RunDir(out or Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}")
+    if run.last.exists():
         raise UserError(
             f"{run} already holds a run; use --resume {run} to continue it or another --out"
         )
-    result = fit(resolved, run, progress=progress, tracker=tracker, budget_s=budget_s)
+    result = fit(resolved, run.path, False, progress, tracker, budget_s, callbacks)
     return {**result, "run_dir": str(run)}
 
 
-def _absolute(source: str | Path) -> str:
+def absolute(source: str | Path) -> str:
     """A path as an absolute one (so a run can be resumed or reported from anywhere); the word
     'cifar10' stays as it is."""
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
@@ -68,8 +75,6 @@ def load(path: str | Path, device: str = "cpu", precision: str = "auto"):
     ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`.
     `precision` auto: what the checkpoint was trained in (bf16 only where native here), else
     measured here (cifarlab.core.runtime)."""
-    from cifarlab.deploy.inference import load_predictor
-
     return load_predictor(path, device, precision)
 
 
@@ -78,25 +83,17 @@ def evaluate(
 ) -> dict:
     """Metrics of a model on `data` (all of it; the test split for CIFAR-10). Without `data`,
     a run directory is scored on its own held-out validation split."""
-    from cifarlab.data import load_images
-    from cifarlab.eval.metrics import metrics
-    from cifarlab.training.fit import align_classes, split_data
-
-    run = Path(model)
-    scored = str(checkpoint_path(run))
-    if run.is_dir() and not (run / "metrics.json").is_file() and (run / "last.pt").is_file():
-        from cifarlab.report.html import interrupted_predictor
-
+    run = RunDir(model)
+    scored = str(checkpoint_path(run.path))
+    if run.path.is_dir() and not run.finished() and run.last.is_file():
         predictor, epochs = interrupted_predictor(run, device)  # its latest weights
-        scored = f"{run / 'last.pt'} (interrupted after epoch {epochs})"
+        scored = f"{run.last} (interrupted after epoch {epochs})"
     else:
         predictor = load(model, device)
     if data is None:
-        run = Path(model)
-        if not (run / "config.yaml").is_file():
+        if not run.config.is_file():
             raise UserError("pass --data PATH, or a run directory to score on its validation split")
-        recipe = config.load_run(run)
-        _, dataset, _ = split_data(recipe)
+        _, dataset, _ = split_data(run.recipe())
     else:
         dataset = load_images(data, image_size=predictor.image_size, split="test")
     dataset = align_classes(dataset, predictor.classes)
@@ -119,8 +116,6 @@ def predict(
     batch_size: int = 64,
 ) -> list[dict]:
     """Top-k classes for image files, folders or globs; unreadable files come back with `error`."""
-    from cifarlab.deploy.inference import expand_inputs
-
     return list(load(model, device).predict_files(expand_inputs(inputs), top_k, batch_size))
 
 
@@ -132,6 +127,4 @@ def export(
 ) -> tuple[Path, dict]:
     """Export a run directory or checkpoint to ONNX or TorchScript, verified against PyTorch;
     returns (path, report). See cifarlab.deploy.export for what the exported model takes."""
-    from cifarlab.deploy.export import export as export_model
-
     return export_model(model, fmt, out, images)

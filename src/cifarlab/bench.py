@@ -7,7 +7,6 @@ loop: fp32, contiguous tensors, no autocast), so results are also ratios."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab import config
 from cifarlab.core.heap import reuse_freed_memory
+from cifarlab.core.rundir import RunDir
 from cifarlab.core.runtime import Choice, decide_for_recipe, use_compile
 from cifarlab.data import ImageSet
 from cifarlab.data.augment import AugmentConfig
@@ -306,16 +306,14 @@ def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
 
 def time_to_accuracy(run_dir: Path) -> list[dict]:
     """(cumulative training seconds, val accuracy) per epoch of a run."""
-    with open(Path(run_dir) / "history.csv") as f:
-        rows = list(csv.DictReader(f))
     elapsed, out = 0.0, []
-    for r in rows:
-        elapsed += float(r["seconds"])
+    for r in RunDir(run_dir).read_history():
+        elapsed += r["seconds"]
         out.append(
             {
                 "seconds": elapsed,
-                "val_accuracy": float(r["val_accuracy"]),
-                "epoch": int(r["epoch"]),
+                "val_accuracy": r["val_accuracy"],
+                "epoch": r["epoch"],
                 "phase": r["phase"],
             }
         )

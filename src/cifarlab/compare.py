@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import platform
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,10 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarlab import config
+from cifarlab import api, config
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_write_text
+from cifarlab.core.log import log
 from cifarlab.core.progress import bar
+from cifarlab.core.rundir import RunDir
+from cifarlab.core.runtime import cpu_name, resolve_device
+from cifarlab.data import load_images
+from cifarlab.data.split import align_classes, split_data
+from cifarlab.deploy.inference import Predictor
+from cifarlab.eval.metrics import metrics
+from cifarlab.models import model_label
+from cifarlab.models.pretrained import SOURCES
 
 SEED_RECIPES = ("seed-cnn", "seed-resnet50")
 #: The seed notebook's published test accuracies (GPU, ImageNet weights for ResNet50).
@@ -36,7 +43,6 @@ SEED_FIGURES = {
     ("seed-resnet50", "training"): 0.8614,
     ("seed-resnet50", "fine-tuning"): 0.8681,
 }
-MODEL_LABELS = {"seed_cnn": "Custom CNN", "fastnet": "FastNet"}
 THROUGHPUT_BATCH = 64  # images per inference call when measuring images/s
 THROUGHPUT_SECONDS = 2.0  # measure for at least this long (after one warm-up batch)
 COLUMNS = (
@@ -56,10 +62,6 @@ COLUMNS = (
 )
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def compare(
     data: str | Path,
     test: str | Path | None = None,
@@ -75,8 +77,6 @@ def compare(
     """Train (or reuse) each recipe into `out`/<recipe> and tabulate them; returns the table as
     {"split", "rows", "out", ...}. `pretrained_source`/`weights` apply to the pretrained (timm)
     recipes; `overrides` (e.g. {"train.epochs": 1}) to all of them."""
-    from cifarlab.data import load_images
-    from cifarlab.models.pretrained import SOURCES
 
     if pretrained_source is not None and pretrained_source not in SOURCES:
         raise UserError(
@@ -108,7 +108,7 @@ def compare(
         tracker.start_parent(f"compare {out.name}", {"data": str(data), "recipes": names})
     try:
         for i, p in enumerate(plans, 1):
-            print(f"compare: row group {i}/{len(plans)}: {p['recipe']['name']}", file=sys.stderr)
+            log(f"compare: row group {i}/{len(plans)}: {p['recipe']['name']}")
             table["rows"] += run_rows(p, test, progress, tracker, seconds)
             write_table(table, out)
     except BaseException:
@@ -124,22 +124,20 @@ def compare(
 
 def plan(name, data, test, overrides, pretrained_source, weights, out: Path) -> dict:
     """The resolved recipe of one row group and its run directory; checks a reused directory."""
-    from cifarlab.api import _absolute
-
     base = config.load_recipe(name, overrides)
     extra = dict(overrides or {})
     if base["model"]["name"] == "timm":
         if pretrained_source is not None:
             extra["model.pretrained_source"] = pretrained_source
         if weights is not None:
-            extra["model.weights"] = _absolute(weights)
-    extra["data.source"] = _absolute(data)
+            extra["model.weights"] = api.absolute(weights)
+    extra["data.source"] = api.absolute(data)
     if test is not None:
-        extra["data.test"] = _absolute(test)
+        extra["data.test"] = api.absolute(test)
     recipe = config.load_recipe(name, extra)
     run_dir = out / recipe["name"]
-    if (run_dir / "config.yaml").is_file() and (run_dir / "last.pt").is_file():
-        if not config.same_settings(config.load_run(run_dir), recipe):
+    if RunDir(run_dir).resumable():
+        if not config.same_settings(RunDir(run_dir).recipe(), recipe):
             raise UserError(
                 f"{run_dir} holds a run of {recipe['name']} with other settings; "
                 "pass another --out (or remove that run directory)"
@@ -149,15 +147,13 @@ def plan(name, data, test, overrides, pretrained_source, weights, out: Path) -> 
 
 def run_rows(p: dict, test, progress: bool, tracker, throughput_seconds: float) -> list[dict]:
     """Train one recipe (or reuse / resume its run) and return its rows."""
-    from cifarlab import api
-
     recipe, run_dir = p["recipe"], p["run_dir"]
     child = tracker.child() if tracker is not None else None
     status = "FAILED"
     try:
-        if (run_dir / "metrics.json").is_file():
+        if RunDir(run_dir).finished():
             log(f"compare: {recipe['name']}: reusing the finished run {run_dir}")
-        elif (run_dir / "last.pt").is_file():
+        elif RunDir(run_dir).last.is_file():
             api.train(resume=run_dir, progress=progress, tracker=child)
         else:
             api.train(
@@ -178,17 +174,15 @@ def run_rows(p: dict, test, progress: bool, tracker, throughput_seconds: float) 
 def failed_rows(recipe: dict, run_dir: Path, status: str, reason: str) -> list[dict]:
     log(f"compare: {recipe['name']}: {status}: {reason}")
     return [
-        row(recipe, phase["name"], run_dir, status=status, reason=reason)
+        row(recipe, phase.name, run_dir, status=status, reason=reason)
         for phase in config.phases(recipe)
     ]
 
 
 def row(recipe: dict, phase: str, run_dir: Path, **values) -> dict:
-    model = recipe["model"]
-    label = model.get("arch") if model["name"] == "timm" else MODEL_LABELS.get(model["name"])
     base = dict.fromkeys(COLUMNS)
     base.update(
-        model=label or model["name"],
+        model=model_label(recipe["model"]),
         recipe=recipe["name"],
         phase=phase,
         seed_accuracy=SEED_FIGURES.get((recipe["name"], phase)),
@@ -202,15 +196,12 @@ def row(recipe: dict, phase: str, run_dir: Path, **values) -> dict:
 
 def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) -> list[dict]:
     """Score each row's checkpoint on the test set (or the run's validation split)."""
-    from cifarlab.core.runtime import resolve_device
-    from cifarlab.deploy.inference import Predictor
-
-    phases = config.phases(recipe)
+    phases, run = config.phases(recipe), RunDir(run_dir)
     if len(phases) == 1:
-        checkpoints = [(phases[0]["name"], run_dir / "best.pt")]
+        checkpoints = [(phases[0].name, run.best)]
     else:
-        checkpoints = [(ph["name"], run_dir / f"phase{i + 1}.pt") for i, ph in enumerate(phases)]
-    seconds = cumulative_seconds(run_dir / "history.csv")
+        checkpoints = [(ph.name, run.phase_checkpoint(i)) for i, ph in enumerate(phases)]
+    seconds = cumulative_seconds(run)
     device = resolve_device(recipe["device"])
     images = labels = None
     rows = []
@@ -239,9 +230,6 @@ def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) ->
 
 
 def eval_set(recipe: dict, test, predictor) -> tuple[np.ndarray, np.ndarray]:
-    from cifarlab.data import load_images
-    from cifarlab.training.fit import align_classes, split_data
-
     if test:
         data = load_images(test, image_size=predictor.image_size, split="test")
     else:
@@ -251,8 +239,6 @@ def eval_set(recipe: dict, test, predictor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score(predictor, images: np.ndarray, labels: np.ndarray) -> dict:
-    from cifarlab.eval.metrics import metrics
-
     return metrics(predictor.probs(images), labels, predictor.classes)
 
 
@@ -267,14 +253,12 @@ def throughput(predictor, images: np.ndarray, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def cumulative_seconds(history: Path) -> dict[str, float]:
+def cumulative_seconds(run: RunDir) -> dict[str, float]:
     """Phase name -> training seconds from the start of the run to the end of that phase."""
     total, out = 0.0, {}
-    if history.is_file():
-        with open(history, newline="") as f:
-            for r in csv.DictReader(f):
-                total += float(r["seconds"])
-                out[r["phase"]] = total
+    for r in run.read_history():
+        total += r["seconds"]
+        out[r["phase"]] = total
     return out
 
 
@@ -282,16 +266,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- output

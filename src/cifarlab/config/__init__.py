@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,6 @@ def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
             f"unknown recipe {str(name_or_path)!r}; choose one of {', '.join(recipe_names())} or a .yaml file"
         )
     return resolve(recipe, overrides)
-
-
-def load_run(run_dir: Path, overrides: dict[str, Any] | None = None) -> dict:
-    """The resolved recipe a run directory was trained with."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml; pass a cifarlab run directory")
-    return resolve(read_yaml(path.read_text(), str(path)), overrides)
 
 
 def resolve(recipe: dict, overrides: dict[str, Any] | None = None) -> dict:
@@ -148,13 +141,62 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
-def phases(recipe: dict) -> list[dict]:
+@dataclass(frozen=True)
+class Phase:
+    """One phase of training, typed: the recipe's `train` section overridden by a `phases`
+    entry (see recipes/defaults.yaml for what each key means). Built by `phases(recipe)`; the
+    recipe (a mapping that `schema` has validated) stays the one thing written to config.yaml."""
+
+    name: str
+    epochs: float
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    warmup_epochs: float
+    lr_start: float
+    lr_end: float
+    label_smoothing: float
+    early_stopping: int
+    freeze: str
+    feature_cache: bool
+    feature_views: int
+    layer_decay: float | None
+    weight_decay_scope: str
+    ema: float
+    lookahead: float
+    eval_tta: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Phase:
+        cast = {"float": float, "int": int, "bool": bool, "str": str}
+        kw = {}
+        for f in fields(cls):
+            value = d[f.name]
+            kind = str(f.type).split(" ")[0]
+            kw[f.name] = None if value is None and "None" in str(f.type) else cast[kind](value)
+        return cls(**kw)
+
+
+def phases(recipe: dict) -> list[Phase]:
     """The training phases: `train` alone, or `train` overridden by each entry of `phases`."""
     if not recipe["phases"]:
-        return [{**recipe["train"], "name": "train"}]
+        return [Phase.from_dict({**recipe["train"], "name": "train"})]
     return [
-        {**recipe["train"], "name": f"phase{i + 1}", **p} for i, p in enumerate(recipe["phases"])
+        Phase.from_dict({**recipe["train"], "name": f"phase{i + 1}", **p})
+        for i, p in enumerate(recipe["phases"])
     ]
+
+
+def with_phase_keys(recipe: dict, phase: int, **values) -> dict:
+    """A copy of the recipe with schedule keys (`epochs`, `warmup_epochs`) of phase `phase`
+    set: in `phases[phase]`, or in `train` for a single-phase recipe."""
+    new = copy.deepcopy(recipe)
+    (new["phases"][phase] if new["phases"] else new["train"]).update(values)
+    return new
 
 
 DECIDED = ("precision", "memory_format", "threads")  # `auto` here is decided by the run

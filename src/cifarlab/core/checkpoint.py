@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifarlab import __version__
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_save
+from cifarlab.core.version import __version__
+from cifarlab.models import build_model
 
 FORMAT = "cifarlab-checkpoint"
 
@@ -74,8 +75,6 @@ def resolve_path(path: str | Path) -> Path:
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint (or run directory). Returns (model in eval mode, info)."""
-    from cifarlab.models import build_model
-
     ckpt = read(resolve_path(path))
     if ckpt.get("format") != FORMAT:
         raise UserError(

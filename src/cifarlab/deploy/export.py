@@ -23,25 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarlab import __version__, config
 from cifarlab.core import checkpoint
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_path
 from cifarlab.core.progress import bar
+from cifarlab.core.rundir import RunDir
 from cifarlab.data.image import read_image
+from cifarlab.data.split import split_data
 from cifarlab.deploy.inference import Preprocessed, expand_inputs, fit_images
+from cifarlab.deploy.metadata import metadata
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4  # max abs difference of fp32 logits between the export and PyTorch
 VERIFY_IMAGES = 128
 ONNX_OPSET = 20  # 20: GELU as one op
-PREPROCESSING = (
-    "input 'images': uint8 RGB (N, image_size, image_size, 3), NHWC, any N; inside the graph: "
-    "x / 255, resize through resize_steps to input_size x input_size (interpolation), "
-    "(x - mean) / std per channel; "
-    "output 'logits': float32 (N, classes) in the order of 'classes'; softmax gives probabilities"
-)
 
 
 def export(
@@ -112,12 +108,10 @@ def export_model(
 
 def reference_images(ckpt: Path, size: int, n: int) -> tuple[np.ndarray, str]:
     """Up to n validation images of the run `ckpt` belongs to; synthetic ones if there is none."""
-    from cifarlab.training.fit import split_data
-
-    run = ckpt.parent
-    if (run / "config.yaml").is_file():
+    run = RunDir(ckpt.parent)
+    if run.config.is_file():
         try:
-            _, val, _ = split_data(config.load_run(run))
+            _, val, _ = split_data(run.recipe())
             if len(val):
                 return val.images[:n], f"validation split of {run}"
         except UserError:
@@ -133,46 +127,6 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     base = base + rng.uniform(0, 255, (n, 1, 1, 3)) * ramp[None, None, :, None]
     noise = rng.normal(0, 30, (n, size, size, 3))
     return np.clip(base / 2 + noise + 64, 0, 255).astype(np.uint8)
-
-
-def metadata(info: dict) -> dict:
-    """The facts a deployed model needs, from a checkpoint's info."""
-    pre, spec = info["preprocess"], info["model"]
-    return {
-        "model": spec.get("arch", spec["name"]),
-        "classes": list(info["classes"]),
-        "image_size": int(pre["image_size"]),
-        "input_size": int(pre["input_size"]),
-        "mean": [float(v) for v in pre["mean"]],
-        "std": [float(v) for v in pre["std"]],
-        "interpolation": str(pre.get("interpolation", "bilinear")),
-        "resize_steps": [int(s) for s in pre.get("resize_steps") or ()],
-        "cifarlab_version": __version__,
-        "preprocessing": PREPROCESSING,
-    }
-
-
-def read_metadata(props: dict[str, str], path: Path) -> dict:
-    """An ONNX file's metadata_props -> {classes, preprocess, model, version}."""
-    try:
-        return {
-            "classes": json.loads(props["classes"]),
-            "preprocess": {
-                "image_size": int(props["image_size"]),
-                "input_size": int(props["input_size"]),
-                "mean": json.loads(props["mean"]),
-                "std": json.loads(props["std"]),
-                "interpolation": props.get("interpolation", "bilinear"),
-                "resize_steps": json.loads(props.get("resize_steps", "[]")),
-            },
-            "model": props.get("model", "unknown"),
-            "version": props.get("cifarlab_version"),
-        }
-    except (KeyError, ValueError):
-        raise UserError(
-            f"{path} has no cifarlab metadata (classes, image_size, ...); "
-            "export the model with `cifarlab export CHECKPOINT`"
-        ) from None
 
 
 def _example(images: np.ndarray) -> torch.Tensor:

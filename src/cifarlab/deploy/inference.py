@@ -17,6 +17,7 @@ from cifarlab.core import checkpoint, runtime
 from cifarlab.core.errors import UserError, require
 from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
 from cifarlab.data.loader import prepare
+from cifarlab.deploy.metadata import read_metadata
 
 
 class Preprocessed(torch.nn.Module):
@@ -196,8 +197,6 @@ class OnnxPredictor(BasePredictor):
     def __init__(self, path: str | Path, threads: int | None = None):
         require("onnxruntime", what="running an .onnx model")
         import onnxruntime as ort
-
-        from cifarlab.deploy.export import read_metadata
 
         path = Path(path)
         if not path.is_file():

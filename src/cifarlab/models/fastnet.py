@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.models.registry import register_model
+
 
 class BatchNorm(nn.BatchNorm2d):
     """BN with a learned shift only (a learned scale adds nothing before GELU + next BN)."""
@@ -81,7 +83,7 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
 
-    def param_groups(self, phase: dict) -> list[dict]:
+    def param_groups(self, phase) -> list[dict]:
         """BN biases at bias_lr_scale times the phase's LR, with weight decay scaled down by the
         same factor (so every parameter decays at the same rate per step); the rest at the LR."""
         bn_biases = [m.bias for m in self.modules() if isinstance(m, BatchNorm)]
@@ -91,8 +93,8 @@ class FastNet(nn.Module):
             {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in chosen]},
             {
                 "params": bn_biases,
-                "lr": float(phase["lr"]) * scale,
-                "weight_decay": float(phase["weight_decay"]) / scale,
+                "lr": phase.lr * scale,
+                "weight_decay": phase.weight_decay / scale,
             },
         ]
 
@@ -101,3 +103,8 @@ class FastNet(nn.Module):
         x = self.blocks(x)
         x = F.adaptive_max_pool2d(x, 1).flatten(1)
         return self.classifier(x) * self.scale
+
+
+@register_model("fastnet", label="FastNet")
+def build(args: dict, num_classes: int, input_size: int, pretrained: bool):
+    return FastNet(num_classes, **args), {}

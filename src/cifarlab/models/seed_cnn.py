@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cifarlab.models.registry import register_model
+
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
@@ -51,3 +53,8 @@ class SeedCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+@register_model("seed_cnn", label="Custom CNN")
+def build(args: dict, num_classes: int, input_size: int, pretrained: bool):
+    return SeedCNN(num_classes, image_size=input_size, **args), {}

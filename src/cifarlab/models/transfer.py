@@ -18,15 +18,14 @@ frozen back in eval mode, so frozen BatchNorm layers keep their ImageNet statist
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from cifarlab.core.errors import UserError
-from cifarlab.models.pretrained import load_pretrained, preprocess_config
+from cifarlab.core.log import log
+from cifarlab.models.registry import register_model
 
 MODEL_ARGS = {
     "arch": "timm architecture name (timm.list_models())",
@@ -115,12 +114,11 @@ class TransferNet(nn.Module):
             f"(N = backbone stages left trainable, this backbone has {self.num_stages})"
         )
 
-    def param_groups(self, phase: dict) -> list[dict[str, Any]]:
+    def param_groups(self, phase) -> list[dict[str, Any]]:
         """Optimizer groups of the trainable parameters: the phase's lr scaled by
         `layer_decay` per stage below the head, weight decay where `weight_decay_scope` says."""
-        lr, wd = float(phase["lr"]), float(phase["weight_decay"])
-        decay = phase.get("layer_decay")
-        scope = phase.get("weight_decay_scope", "all")
+        lr, wd = phase.lr, phase.weight_decay
+        decay, scope = phase.layer_decay, phase.weight_decay_scope
         if scope not in WEIGHT_DECAY_SCOPES:
             raise UserError(
                 f"unknown weight_decay_scope {scope!r}; use {', '.join(WEIGHT_DECAY_SCOPES)}"
@@ -162,6 +160,10 @@ def build_transfer(
 ) -> tuple[TransferNet, dict]:
     """A TransferNet from a recipe's model arguments, and its preprocessing (the weights' own
     mean/std and interpolation; `input_size: auto` = the weights' native size)."""
+    import timm  # 1.2 s to import: only when a recipe uses it
+
+    from cifarlab.models.pretrained import load_pretrained, preprocess_config
+
     unknown = set(args) - set(MODEL_ARGS)
     if unknown:
         raise UserError(
@@ -192,7 +194,7 @@ def build_transfer(
     )
     if pretrained:
         report = load_pretrained(backbone, arch, source, args.get("weights"), args.get("url"))
-        print(report.summary(), file=sys.stderr, flush=True)
+        log(report.summary())
     preprocess = {
         "input_size": size,
         "mean": list(cfg["mean"]),
@@ -205,3 +207,8 @@ def build_transfer(
             f"interpolation {preprocess['interpolation']!r}: use bilinear, bicubic or nearest"
         )
     return TransferNet(backbone, head), preprocess
+
+
+@register_model("timm", label=lambda spec: str(spec.get("arch") or "timm"))
+def build(args: dict, num_classes: int, input_size, pretrained: bool):
+    return build_transfer(args, num_classes, input_size, pretrained)

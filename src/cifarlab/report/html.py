@@ -4,23 +4,24 @@ comparing several runs. Plots are embedded as base64 PNGs: no external resources
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from cifarlab import __version__, config
-from cifarlab.core import checkpoint
+from cifarlab import config
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_write_text
-from cifarlab.data import ImageSet
+from cifarlab.core.rundir import RunDir
+from cifarlab.core.version import __version__
+from cifarlab.data.dataset import ImageSet
+from cifarlab.data.split import split_data
+from cifarlab.eval.interrupted import score_interrupted
+from cifarlab.eval.metrics import BINS, calibration
 from cifarlab.report import plots
 
-BINS = 10  # reliability diagram / ECE bins
 MISTAKES = 32  # images in the grid of most confident mistakes
 
 CSS = """
@@ -44,122 +45,35 @@ pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 
 
-def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> dict:
-    """Confidence (top probability) against accuracy in `bins` equal-width bins (lo, hi].
-    `ece` is the expected calibration error: sum over bins of share * |accuracy - confidence|."""
-    conf = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(float)
-    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    counts = np.bincount(idx, minlength=bins)
-    seen = np.maximum(counts, 1)
-    confidence = np.bincount(idx, weights=conf, minlength=bins) / seen
-    accuracy = np.bincount(idx, weights=correct, minlength=bins) / seen
-    ece = float(np.sum(counts * np.abs(accuracy - confidence)) / max(len(labels), 1))
-    return {"confidence": confidence, "accuracy": accuracy, "counts": counts, "ece": ece}
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
-    return calibration(probs, labels, bins)["ece"]
-
-
 def read_run(run_dir: str | Path) -> dict:
     """metrics.json, history.csv and config.yaml of a run; an interrupted run (no metrics.json,
     but last.pt) is scored here from last.pt on its validation split (`interrupted` set)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.json"
+    run = RunDir(run_dir)
     extra = {}
-    if not path.is_file():
-        if not (run_dir / "last.pt").is_file():
-            raise UserError(
-                f"{run_dir} has no metrics.json or last.pt; pass a training run's directory"
-            )
-        metrics, probs, val_set = score_interrupted(run_dir)
+    if run.finished():
+        metrics = run.read_metrics()
+    elif run.last.is_file():
+        metrics, probs, val_set = score_interrupted(run)
         extra = {"probs": probs, "val_set": val_set}
     else:
-        try:
-            metrics = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path} is not valid JSON ({e}); retrain or restore the file"
-            ) from None
-    recipe_text = (
-        (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    )
-    recipe = config.read_yaml(recipe_text, str(run_dir / "config.yaml")) if recipe_text else {}
+        raise UserError(f"{run} has no metrics.json or last.pt; pass a training run's directory")
+    recipe_text = run.recipe_text()
+    recipe = config.read_yaml(recipe_text, str(run.config)) if recipe_text else {}
     return {
-        "dir": run_dir,
-        "name": run_dir.absolute().name,
+        "dir": run.path,
+        "name": run.path.absolute().name,
         "metrics": metrics,
-        "history": read_history(run_dir / "history.csv"),
+        "history": run.read_history(),
         "recipe": recipe,
         "recipe_text": recipe_text,
         **extra,
     }
 
 
-def interrupted_predictor(run_dir: Path, device: str = "cpu"):
-    """A predictor of the weights last.pt holds (the averaged ones where the run kept an EMA),
-    in the architecture, preprocessing and precision best.pt records; with the number of
-    finished epochs."""
-    from cifarlab.deploy.inference import Predictor
-
-    model, info = checkpoint.load_model(run_dir / "best.pt")
-    last = checkpoint.read(run_dir / "last.pt")
-    ema = last.get("ema") or {}
-    weights = (
-        {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-        if ema
-        else last["model"]
-    )
-    model.load_state_dict(weights)
-    return Predictor(model, info, device), len(last["state"]["history"])
-
-
-def score_interrupted(run_dir: Path) -> tuple[dict, np.ndarray, ImageSet]:
-    """metrics.json's fields for a run that did not finish: last.pt scored (plain, no TTA) on
-    the run's validation split, as `cifarlab evaluate` scores it."""
-    from cifarlab.eval.metrics import metrics
-    from cifarlab.models import count_parameters
-    from cifarlab.training.fit import phase_summaries, split_data
-
-    recipe = config.load_run(run_dir)
-    recipe["data"]["test"] = None
-    train_set, val_set, _ = split_data(recipe)
-    predictor, epochs = interrupted_predictor(run_dir)
-    probs = predictor.probs(val_set.images)
-    history = read_history(run_dir / "history.csv")
-    result = {
-        "recipe": recipe["name"],
-        "interrupted_after_epoch": epochs,
-        "scored": "last.pt",
-        "classes": val_set.classes,
-        "n_train": len(train_set),
-        "parameters": count_parameters(predictor.model),
-        "device": "cpu",
-        "train_seconds": sum(r["seconds"] for r in history),
-        "best": predictor.info.get("metrics", {}),
-        "phases": phase_summaries(history),
-        "val": metrics(probs, val_set.labels, val_set.classes),
-    }
-    return result, probs, val_set
-
-
-def read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [
-            {k: v if k == "phase" else float(v) for k, v in r.items()} for r in csv.DictReader(f)
-        ]
-
-
 def validation_set(run_dir: Path, n: int) -> tuple[ImageSet | None, str]:
     """The run's validation images, recomputed from its recipe (or None and why not)."""
-    from cifarlab.training.fit import split_data
-
     try:
-        recipe = config.load_run(run_dir)
-        recipe["data"]["test"] = None  # only the validation split is needed
+        recipe = RunDir(run_dir).recipe({"data.test": None})  # only the validation split
         _, val, _ = split_data(recipe)
     except (UserError, OSError) as e:
         return None, f"the validation images could not be loaded ({e})"

@@ -7,7 +7,6 @@ the first one prints one warning and turns the tracker off."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import os
 import socket
@@ -21,12 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from cifarlab.core.rundir import RunDir
+from cifarlab.core.runtime import resolve_device
+from cifarlab.core.version import __version__
+from cifarlab.deploy.inference import Predictor, load_predictor
 
 DEFAULT_EXPERIMENT = "cifarlab"
 LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
 RUN_ARTIFACTS = ("config.yaml", "history.csv", "metrics.json", "report.html")
-NOT_METRICS = ("phase", "epoch", "step")  # history.csv columns that are not per-epoch metrics
+NOT_METRICS = ("phase", "epoch", "step", "planned_epochs")  # history.csv columns, not metrics
 # MLflow's HTTP client retries a dead server for minutes by default; a tracker gives up sooner.
 MLFLOW_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -76,10 +81,7 @@ def flatten(tree, prefix: str = "") -> dict[str, str]:
 
 def environment_tags() -> dict[str, str]:
     """Versions, host and (if the working directory is in a git repository) its commit."""
-    import timm
-    import torch
-
-    from cifarlab import __version__
+    import timm  # 1.2 s to import: only when tracking
 
     tags = {
         "cifarlab.version": __version__,
@@ -253,8 +255,6 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def _start(self, recipe: dict, out: Path) -> None:
-        from cifarlab.core.runtime import resolve_device
-
         self.run_id = self._new_run(
             out.name,
             {
@@ -266,12 +266,11 @@ class MlflowTracker:
             },
         )
         self._log_params(flatten(recipe))
-        history = out / "history.csv"
-        if history.is_file() and (out / "last.pt").is_file():  # resumed: log the earlier epochs
-            with open(history, newline="") as f:
-                for row in csv.DictReader(f):
-                    values = {k: float(v) for k, v in row.items() if k not in NOT_METRICS}
-                    self._log_metrics(values, int(row["step"]))
+        run = RunDir(out)
+        if run.last.is_file():  # resumed: log the earlier epochs
+            for row in run.read_history():
+                values = {k: v for k, v in row.items() if k not in NOT_METRICS}
+                self._log_metrics(values, row["step"])
 
     def _finish(self, result: dict, out: Path) -> None:
         final = {"train_seconds": result["train_seconds"], "parameters": result["parameters"]}
@@ -295,8 +294,6 @@ class MlflowTracker:
         from mlflow.entities import LoggedModelOutput
         from mlflow.models import Model, ModelSignature
         from mlflow.types import Schema, TensorSpec
-
-        from cifarlab.deploy.inference import Predictor
 
         predictor = Predictor.from_checkpoint(checkpoint)
         signature = ModelSignature(
@@ -367,9 +364,6 @@ def parent_run(
 def model_requirements() -> list[str]:
     import mlflow
     import timm
-    import torch
-
-    from cifarlab import __version__
 
     return [
         f"mlflow=={mlflow.__version__}",
@@ -387,9 +381,7 @@ def pyfunc_model():
 
     class CifarlabModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
-            import cifarlab
-
-            self.predictor = cifarlab.load(context.artifacts["checkpoint"])
+            self.predictor = load_predictor(context.artifacts["checkpoint"])
 
         def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
             return self.predictor.probs(np.asarray(model_input, dtype=np.uint8))

@@ -17,10 +17,11 @@ import time
 import torch
 
 from cifarlab import config
-from cifarlab.config import schema
+from cifarlab.config import Phase, schema
 from cifarlab.core.errors import UserError
 from cifarlab.core.runtime import probe_batch
-from cifarlab.eval.metrics import tta_views
+from cifarlab.eval.predict import tta_views
+from cifarlab.models.protocol import Freezable
 from cifarlab.training.step import train_step
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
@@ -45,13 +46,13 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
-def time_steps(model, loader, phase: dict, bf16: bool, steps: int = 2, warmup: int = 1) -> float:
+def time_steps(model, loader, phase: Phase, bf16: bool, steps: int = 2, warmup: int = 1) -> float:
     """Seconds per training step of `phase` on `loader` (the run's own data path and training
     step), on a copy of the model. The loader may serve smaller batches than training does:
     the caller scales the time to the real batch."""
     model = copy.deepcopy(model).train()
-    if hasattr(model, "set_trainable"):
-        model.set_trainable(phase["freeze"])
+    if isinstance(model, Freezable):
+        model.set_trainable(phase.freeze)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)  # a step's cost barely depends on the optimizer
     rng = torch.get_rng_state()
@@ -86,10 +87,10 @@ def _sync(device: torch.device) -> None:
 
 
 def scale_epochs(
-    phases: list[dict], epoch_seconds: list[float], fixed_seconds: float, available_seconds: float
+    phases: list[Phase], epoch_seconds: list[float], fixed_seconds: float, available_seconds: float
 ) -> float:
     """The factor by which to multiply every phase's epochs to fill `available_seconds`."""
-    planned = sum(p["epochs"] * s for p, s in zip(phases, epoch_seconds, strict=True))
+    planned = sum(p.epochs * s for p, s in zip(phases, epoch_seconds, strict=True))
     room = available_seconds - fixed_seconds
     if room <= 0 or planned <= 0:
         raise UserError(
@@ -112,11 +113,20 @@ def with_size(recipe: dict, size: dict) -> dict:
 
 
 class Plan:
-    """What `plan` decided, kept to correct it with the epochs as they are really timed."""
+    """What `plan` decided (`recipe`: the recipe with the chosen size and epochs), kept to
+    correct it with the epochs as they are really timed."""
 
-    def __init__(self, budget_s: float, epoch_seconds: list[float], final_s: float, resized: bool):
+    def __init__(
+        self,
+        recipe: dict,
+        budget_s: float,
+        epoch_seconds: list[float],
+        final_s: float,
+        resized: bool,
+    ):
+        self.recipe = recipe
         self.budget_s, self.epoch_seconds, self.final_s = budget_s, epoch_seconds, final_s
-        self.resized = resized  # a larger size of the recipe was chosen
+        self.resized = resized  # another size of the recipe was chosen
         self.walls: dict[tuple[int, int], float] = {}  # (phase, epoch): seconds between re-plans
         self._last: tuple[int, int, float] | None = None
 
@@ -130,10 +140,10 @@ class Plan:
         elapsed_s: float,
         log,
         one_off_first: bool = False,
-    ) -> int:
+    ) -> tuple[dict, int]:
         """After an epoch of phase `phase`: rescale what is left of every phase by the ratio of
-        the measured to the planned epoch time, so that the run still ends on time. Returns the
-        phase's new length in steps (never less than what is done, and a finished phase stays
+        the measured to the planned epoch time, so that the run still ends on time. Returns a
+        new recipe (the old one is not changed) and the phase's new length in steps (never less than what is done, and a finished phase stays
         finished, so the LR schedule never jumps back up). A warm-up still under way keeps its
         share of the phase. `one_off_first`: the phase's first epoch held one-time costs
         (torch.compile, a feature cache), so its time counts as spent but not as a rate.
@@ -143,11 +153,11 @@ class Plan:
             self.walls[phase, epochs_done] = elapsed_s - self._last[2]
         self._last = (phase, epochs_done, elapsed_s)
         phases = config.phases(recipe)
-        name = phases[phase]["name"]
+        name = phases[phase].name
         done_steps = epochs_done * steps_per_epoch
-        horizon = max(1, round(float(phases[phase]["epochs"]) * steps_per_epoch))
+        horizon = max(1, round(phases[phase].epochs * steps_per_epoch))
         if done_steps >= horizon:
-            return horizon
+            return recipe, horizon
         rows = [r["seconds"] for r in history if r["phase"] == name][-epochs_done:]
         first = epochs_done - len(rows) + 1  # the epoch number of rows[0]
         times = [self.walls.get((phase, first + i), s) for i, s in enumerate(rows)]
@@ -155,35 +165,27 @@ class Plan:
         # the median of the last 3 (one stalled epoch is noise); none yet: the planned rate
         measured = recent[len(recent) // 2] if recent else self.epoch_seconds[phase]
         ratio = measured / self.epoch_seconds[phase]
-        left = [float(phases[phase]["epochs"]) - epochs_done] + [
-            float(p["epochs"]) for p in phases[phase + 1 :]
-        ]
+        left = [phases[phase].epochs - epochs_done] + [p.epochs for p in phases[phase + 1 :]]
         need = sum(n * s * ratio for n, s in zip(left, self.epoch_seconds[phase:], strict=True))
         room = self.budget_s * (1 - MARGIN) - elapsed_s - self.final_s
         factor = max(0.0, room) / need if need > 0 else 1.0
         new_epochs = epochs_done + left[0] * factor
         steps = max(done_steps + 1, round(new_epochs * steps_per_epoch))
-        _set(recipe, phase, "epochs", round(steps / steps_per_epoch, 3))
-        warmup = float(phases[phase].get("warmup_epochs", 0))
+        new = config.with_phase_keys(recipe, phase, epochs=round(steps / steps_per_epoch, 3))
+        warmup = phases[phase].warmup_epochs
         if epochs_done < warmup:  # the LR's peak moves with the phase's end
             stretch = steps / horizon
-            _set(recipe, phase, "warmup_epochs", round(max(epochs_done, warmup * stretch), 3))
+            new = config.with_phase_keys(
+                new, phase, warmup_epochs=round(max(epochs_done, warmup * stretch), 3)
+            )
         for i in range(phase + 1, len(phases)):
-            _set(recipe, i, "epochs", round(float(phases[i]["epochs"]) * factor, 3))
+            new = config.with_phase_keys(new, i, epochs=round(phases[i].epochs * factor, 3))
         if abs(steps - horizon) > 0.01 * horizon:
             log(
                 f"budget: epochs take {measured:.1f}s, not {self.epoch_seconds[phase]:.1f}s; "
                 f"{name} now ends after {steps / steps_per_epoch:.2f} epochs"
             )
-        return steps
-
-
-def _set(recipe: dict, phase: int, key: str, value: float) -> None:
-    """Set a phase's schedule key (`epochs`, `warmup_epochs`) in the recipe."""
-    if recipe["phases"]:
-        recipe["phases"][phase][key] = value
-    else:
-        recipe["train"][key] = value
+        return new, steps
 
 
 def overhead_allowance(budget_s: float) -> float:
@@ -226,7 +228,7 @@ def plan(
     build=None,
     overhead_s: float = 0.0,
 ) -> Plan:
-    """Rewrite the recipe's epochs (train.epochs and each phase's) to fill the budget, and, when
+    """Plan the recipe's epochs (train.epochs and each phase's) to fill the budget, and, when
     the recipe lists `budget.sizes` (settings, as --set keys; `{}` is the recipe as written),
     apply the one expected to give the best held-out accuracy in the epochs it can afford, from
     the measured table `budget.accuracy` (one {epochs: accuracy} per size); without a table,
@@ -250,7 +252,7 @@ def plan(
         evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
         seconds = []
         for phase in phases:
-            batch = int(phase["batch_size"])
+            batch = phase.batch_size
             small = probe_batch(val_loader.input_size, batch)
             step = time_steps(candidate, loader_for(phase, small), phase, bf16) * batch / small
             seconds.append(step * len(loader_for(phase)) + t_eval * evals)
@@ -277,8 +279,8 @@ def plan(
         seconds, fixed = timed[key]
         phases = config.phases(sized)
         room = budget_s * (1 - MARGIN) - elapsed_s() - fixed
-        planned = sum(float(p["epochs"]) * s for p, s in zip(phases, seconds, strict=True))
-        epochs = sum(float(p["epochs"]) for p in phases) * max(0.0, room) / planned
+        planned = sum(p.epochs * s for p, s in zip(phases, seconds, strict=True))
+        epochs = sum(p.epochs for p in phases) * max(0.0, room) / planned
         options.append((i, seconds, fixed, epochs))
     if skipped:
         log(f"budget: sizes {skipped} not timed: the start-up allowance was spent")
@@ -290,24 +292,21 @@ def plan(
         fits = [o for o in options if o[3] >= least]
         chosen = fits[-1] if fits else options[0]
     i, epoch_seconds, fixed, _ = chosen
-    if sizes[i]:
-        recipe.update(with_size(recipe, sizes[i]))
-    phases = config.phases(recipe)
+    sized = with_size(recipe, sizes[i]) if sizes[i] else copy.deepcopy(recipe)
+    phases = config.phases(sized)
     factor = scale_epochs(phases, epoch_seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
-    steps = sum(float(p["epochs"]) * factor * len(loader_for(p)) for p in phases)
+    steps = sum(p.epochs * factor * len(loader_for(p)) for p in phases)
     if steps < 10:
         raise UserError(
             f"a budget of {budget_s:.0f}s affords {steps:.1f} training steps of "
             f"{recipe['name']} on this machine (one epoch: {sum(epoch_seconds):.0f}s); "
             "give a larger --budget"
         )
-    recipe["train"]["epochs"] = round(float(recipe["train"]["epochs"]) * factor, 3)
-    recipe["train"]["warmup_epochs"] = round(float(recipe["train"]["warmup_epochs"]) * factor, 3)
-    for p in recipe["phases"]:
+    for section in [sized["train"], *sized["phases"]]:
         for key in ("epochs", "warmup_epochs"):
-            if key in p:
-                p[key] = round(float(p[key]) * factor, 3)
-    planned = [round(float(p["epochs"]) * factor, 2) for p in phases]
+            if key in section:
+                section[key] = round(float(section[key]) * factor, 3)
+    planned = [round(p.epochs * factor, 2) for p in phases]
     if len(sizes) > 1:
         log(
             "budget: sizes "
@@ -323,7 +322,7 @@ def plan(
         f"{', '.join(f'{s:.1f}s' for s in epoch_seconds)} per epoch; "
         f"training {' + '.join(map(str, planned))} epochs{size_note}"
     )
-    return Plan(budget_s, epoch_seconds, fixed, bool(sizes[i]))
+    return Plan(sized, budget_s, epoch_seconds, fixed, bool(sizes[i]))
 
 
 def _views(tta: int) -> int:

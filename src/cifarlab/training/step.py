@@ -5,8 +5,20 @@ what is timed is what trains."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, x: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """The default loss: cross-entropy on class indices or (soft) one-hot targets. A loss
+    also gets `x`, the batch, for losses that need it (e.g. distillation)."""
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def train_step(
@@ -15,13 +27,13 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     bf16: bool,
-    label_smoothing: float = 0.0,
+    loss_fn: LossFn = cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update of `opt`'s parameters on batch (x, y); y: class indices or (soft) one-hot
-    targets. Returns (loss, logits), both still on the device (no host sync)."""
+    """One update of `opt`'s parameters on batch (x, y); the loss is computed in fp32.
+    Returns (loss, logits), both still on the device (no host sync)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    loss = loss_fn(logits.float(), y, x)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -12,7 +12,6 @@ The cache lives in memory; a resumed run recomputes it (the same features: the b
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Iterator
 
@@ -20,19 +19,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifarlab.config import Phase
 from cifarlab.core.errors import UserError
+from cifarlab.core.log import log
 from cifarlab.core.progress import bar
 from cifarlab.data import ImageSet
 from cifarlab.data.augment import AugmentConfig
 from cifarlab.data.loader import BatchLoader
+from cifarlab.models.protocol import Backbone
+from cifarlab.training.events import Callback
 
 EXTRACT_BATCH = 128  # images per backbone pass while filling the cache
 VIEW_SEED = 7_919  # augmented view v of a run with seed s draws from seed s * VIEW_SEED + v
 
 
-def applies(model: torch.nn.Module, phase: dict) -> bool:
+def applies(model: torch.nn.Module, phase: Phase) -> bool:
     """A phase trains on cached features when only the head trains and the cache is on."""
-    return phase["freeze"] == "head" and bool(phase["feature_cache"]) and hasattr(model, "features")
+    return phase.freeze == "head" and phase.feature_cache and isinstance(model, Backbone)
+
+
+class CachedFeatures(Callback):
+    """Where `applies`: the phase trains `model.head` on the cache, validates on cached
+    validation features, and counts the cache's time into its first epoch."""
+
+    name = "feature_cache"
+
+    def on_phase_start(self, t) -> None:
+        if not applies(t.model, t.phase):
+            return
+        cache = FeatureCache(
+            t.model, t.train_set, t.val_set, t.aug, t.phase, t.recipe["seed"], t.bf16,
+            device=t.device, preprocess=t.preprocess, channels_last=t.choice.channels_last,
+        )  # fmt: skip
+        t.batches, t.net = cache, t.model.head
+        t.val_probs = lambda model: cache.val_probs(model, t.bf16)
+        t.pending_seconds, t.first_epoch_one_off = cache.seconds, True
 
 
 class FeatureCache:
@@ -44,14 +65,14 @@ class FeatureCache:
         train_set: ImageSet,
         val_set: ImageSet,
         aug: AugmentConfig,
-        phase: dict,
+        phase: Phase,
         seed: int,
         bf16: bool,
         device: torch.device,
         preprocess: dict,
         channels_last: bool = False,
     ):
-        views = int(phase["feature_views"])
+        views = phase.feature_views
         if views < 1:
             raise UserError(f"feature_views must be 1 or more, got {views}")
         t0 = time.perf_counter()
@@ -73,15 +94,13 @@ class FeatureCache:
         self.val = _extract(model, val_loader, 0, bf16)
         labels = torch.from_numpy(train_set.labels).long().to(device)
         self.targets = F.one_hot(labels, len(train_set.classes)).float()
-        self.batch_size = int(phase["batch_size"])
+        self.batch_size = phase.batch_size
         self.drop_last = len(train_set) > self.batch_size
         self.device = device
         self.seconds = time.perf_counter() - t0
-        print(
+        log(
             f"feature cache: {views} view(s) of {len(train_set)} train + {len(val_set)} val "
-            f"images through the frozen backbone in {self.seconds:.1f}s",
-            file=sys.stderr,
-            flush=True,
+            f"images through the frozen backbone in {self.seconds:.1f}s"
         )
 
     def __len__(self) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from cifarlab.training.events import Callback
+
 
 class Lookahead:
     def __init__(self, model: torch.nn.Module, decay: float, every: int = 5):
@@ -38,3 +40,27 @@ class Lookahead:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
             self.slow[name].copy_(value)
+
+
+class LookaheadAveraging(Callback):
+    """Recipe key `lookahead`: the decay; 0 = off. Steps after every optimizer step; at the
+    phase's last step the model takes the slow weights."""
+
+    name = "lookahead"
+
+    def __init__(self):
+        self.lookahead: Lookahead | None = None
+
+    def on_phase_start(self, t) -> None:
+        self.lookahead = Lookahead(t.model, t.phase.lookahead) if t.phase.lookahead else None
+
+    def on_step_end(self, t) -> None:
+        if self.lookahead is not None:
+            self.lookahead.step(t.step, t.horizon)
+
+    def state_dict(self) -> dict:
+        return self.lookahead.state_dict() if self.lookahead is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.lookahead is not None and state:
+            self.lookahead.load_state_dict(state)
