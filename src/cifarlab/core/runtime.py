@@ -70,20 +70,6 @@ def check_memory_format(memory_format: str) -> str:
     return memory_format
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """A decided (or pinned) precision; `auto` that was never measured means the safe choice:
-    bf16 on a CUDA card that has it, fp32 on any CPU."""
-    check_precision(precision)
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
-
-
-def use_channels_last(memory_format: str, device: torch.device) -> bool:
-    check_memory_format(memory_format)
-    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
-
-
 def use_compile(setting, device: torch.device) -> bool:
     """torch.compile for the training forward: `auto` = on CUDA only (on a CPU, oneDNN's eager
     kernels were faster than the compiled graph: 0.72x, after a 33 s compile)."""

@@ -1,4 +1,5 @@
-"""Safe reading of .tar, .tar.gz/.tgz and .zip archives: members in memory, or a checked extract."""
+"""Safe reading of .tar, .tar.gz/.tgz and .zip archives: members are checked (no path escape,
+no links) and read in memory; nothing is ever extracted to disk."""
 
 from __future__ import annotations
 
@@ -142,25 +143,3 @@ def iter_members(
         raise _unreadable(archive, err) from err
     except OSError as err:  # gzip.BadGzipFile, truncated files
         raise _unreadable(archive, err) from err
-
-
-def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extract `archive` into `dest` after checking every member; nothing is written if one fails."""
-    archive, dest = Path(archive), Path(dest)
-    try:
-        if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                keep = [info for name, info in _zip_members(archive, zf) if not is_junk(name)]
-                dest.mkdir(parents=True, exist_ok=True)
-                for info in keep:
-                    zf.extract(info, dest)
-        else:
-            with tarfile.open(archive, "r:*") as tf:
-                keep = [m for name, m in _tar_members(archive, tf) if not is_junk(name)]
-                dest.mkdir(parents=True, exist_ok=True)
-                tf.extractall(dest, members=keep, filter="data")
-    except tarfile.FilterError as err:
-        raise _refuse(archive, err.tarinfo.name, f"was refused by tarfile ({err})") from err
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError) as err:
-        raise _unreadable(archive, err) from err
-    return dest
