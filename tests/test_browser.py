@@ -87,3 +87,17 @@ def test_dropping_an_image_predicts_it(page, run):
     )
     page.wait_for_function("document.getElementById('label').textContent !== ''")
     assert page.text_content("#label") in CLASSES and page.is_visible("#output")
+
+
+def test_the_heatmap_shows_beside_the_bars_and_the_toggle_hides_it(page, run, tmp_path):
+    page.set_input_files("#file", str(run[1] / "cat" / "001.png"))
+    page.wait_for_selector("#heatmap:not([hidden])")
+    assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
+    assert page.evaluate("document.getElementById('heatmap').naturalWidth") == 256  # decoded
+    label = page.text_content("#label")
+    assert f'where the model saw "{label}"' in page.text_content("#explain-note")
+    page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+    page.uncheck("#show-heatmap")
+    assert page.is_hidden("#heatmap")
+    page.check("#show-heatmap")  # the same image: shown again without another request
+    page.wait_for_selector("#heatmap:not([hidden])")

@@ -156,6 +156,7 @@ def test_a_registered_model_trains_from_a_recipe_and_rebuilds_from_its_checkpoin
     predictor = cifarlab.load(out)
     assert isinstance(predictor.model, Doubler) and predictor.model.net[0].out_channels == 6
     assert predictor.info["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert "no heatmaps: Doubler names no layer to explain" in (out / "report.html").read_text()
     assert model_label({"name": "test_doubler"}) == "Doubler"
     assert model_label({"name": "seed_cnn"}) == "Custom CNN"
     assert model_label({"name": "timm", "arch": "resnet50"}) == "resnet50"

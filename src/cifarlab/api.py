@@ -6,15 +6,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cifarlab import config
 from cifarlab.core.errors import UserError
 from cifarlab.core.rundir import RunDir
 from cifarlab.data import load_images
+from cifarlab.data.image import read_image
 from cifarlab.data.split import align_classes, split_data
 from cifarlab.deploy.export import export as export_model
 from cifarlab.deploy.inference import expand_inputs, load_predictor
 from cifarlab.eval.interrupted import interrupted_predictor
 from cifarlab.eval.metrics import metrics
+from cifarlab.report import plots
 from cifarlab.training.budget import parse_budget
 from cifarlab.training.fit import fit
 
@@ -105,7 +109,7 @@ def evaluate(
 
 def checkpoint_path(model: Path) -> Path:
     """The file a model path means: a run directory's best.pt, else the path itself."""
-    return model / "best.pt" if model.is_dir() else model
+    return RunDir(model).best if model.is_dir() else model
 
 
 def predict(
@@ -128,3 +132,55 @@ def export(
     """Export a run directory or checkpoint to ONNX or TorchScript, verified against PyTorch;
     returns (path, report). See cifarlab.deploy.export for what the exported model takes."""
     return export_model(model, fmt, out, images)
+
+
+def explain(
+    model: str | Path,
+    inputs: list[str],
+    out: str | Path = "explained",
+    class_name: str | None = None,
+    method: str = "gradcam",
+    top_k: int = 5,
+    device: str = "cpu",
+) -> list[dict]:
+    """For each image (files, folders or globs): a PNG in `out` with the image, its Grad-CAM map
+    for the predicted class (or `class_name`) and the top-k bars. Returns one row per image:
+    {path, png, class, probability, top} or {path, error}. ONNX files cannot be explained."""
+    predictor = load(model, device)
+    if class_name is not None and class_name not in predictor.classes:
+        raise UserError(
+            f"--class {class_name!r} is not one of the model's classes: {', '.join(predictor.classes)}"
+        )
+    paths = expand_inputs(inputs)
+    predictor.explain(np.zeros((1, predictor.image_size, predictor.image_size, 3), np.uint8))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, used = [], set()
+    for path in paths:
+        try:
+            image = read_image(path, predictor.image_size)
+        except UserError as e:
+            rows.append({"path": str(path), "error": str(e)})
+            continue
+        probs = predictor.probs(image[None])[0]
+        wanted = predictor.classes.index(class_name) if class_name else int(probs.argmax())
+        heat = predictor.explain(image[None], [wanted], method)[0][0]
+        name = f"{path.stem}-cam.png"
+        for n in range(2, len(paths) + 2):  # two inputs with the same name: two files
+            if name not in used:
+                break
+            name = f"{path.stem}-{n}-cam.png"
+        used.add(name)
+        label = predictor.classes[wanted]
+        title = f"{method}: {label} ({probs[wanted]:.0%})"
+        plots.explanation(image, heat, probs, predictor.classes, title, out / name, top_k)
+        rows.append(
+            {
+                "path": str(path),
+                "png": str(out / name),
+                "class": label,
+                "probability": float(probs[wanted]),
+                "top": predictor.top_k(probs[None], top_k)[0],
+            }
+        )
+    return rows

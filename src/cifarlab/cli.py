@@ -244,6 +244,27 @@ def cmd_predict(args) -> None:
         print(f"predicted {done} images, skipped {skipped} unreadable", file=sys.stderr)
 
 
+def cmd_explain(args) -> None:
+    from cifarlab import api
+
+    if args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    rows = api.explain(
+        args.model, args.inputs, args.out, args.class_name, args.method, args.top_k,
+        args.device or "cpu",
+    )  # fmt: skip
+    done = [r for r in rows if "png" in r]
+    for r in rows:
+        if "error" in r:
+            print(f"skipped: {r['error']}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            print(f"{r['png']}  {r['class']} {r['probability']:.1%}  ({r['path']})", flush=True)
+    if not done:
+        raise UserError(f"none of the {len(rows)} inputs is a readable image; see the lines above")
+
+
 def prediction_writer(fmt: str, k: int, path_width: int, label_width: int):
     """A function printing one prediction {"path", "top"} as a table row, JSON line or CSV row."""
     if fmt == "jsonl":
@@ -295,6 +316,7 @@ def cmd_serve(args) -> None:
         max_wait_ms=args.max_wait_ms,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_files=args.max_files,
+        explain_queue=args.explain_queue,
     )
     sock = serve.bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -497,6 +519,25 @@ def add_model_commands(sub) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
 
+    xp = sub.add_parser(
+        "explain",
+        help="Grad-CAM: where the model looks, one PNG per image",
+        description="For each image, a PNG with the image, the class activation map (Grad-CAM) "
+        "of the predicted class (or --class) over it, and the top-k probabilities.\n\n"
+        "  cifarlab explain runs/fast photos/ --out explained\n"
+        "  cifarlab explain runs/fast cat.jpg --class dog --method gradcam++",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    xp.add_argument("model", help="run directory or checkpoint (not an .onnx file)")
+    xp.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    xp.add_argument("--class", dest="class_name", help="explain this class (default: predicted)")
+    xp.add_argument("--method", choices=["gradcam", "gradcam++"], default="gradcam")
+    xp.add_argument("--out", default="explained", help="folder for the PNGs (default ./explained)")
+    xp.add_argument("--top-k", type=int, default=5)
+    xp.add_argument("--json", action="store_true", help="one JSON line per image")
+    xp.add_argument("--device", choices=["cpu", "cuda"])
+    xp.set_defaults(func=cmd_explain)
+
     x = sub.add_parser("export", help="export a model to ONNX or TorchScript, verified")
     x.add_argument("model", help="run directory or checkpoint")
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
@@ -515,6 +556,9 @@ def add_model_commands(sub) -> None:
     s.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     s.add_argument("--max-files", type=int, default=16, help="images per request")
+    s.add_argument(
+        "--explain-queue", type=int, default=16, help="explanations waiting at most (then 503)"
+    )
     s.add_argument("--device", choices=["cpu", "cuda"])
     s.add_argument("--no-access-log", action="store_true", help="do not log every request")
     s.set_defaults(func=cmd_serve)

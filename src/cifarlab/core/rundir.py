@@ -55,6 +55,12 @@ class RunDir:
         """The final model of phase `phase` (0-based) of a multi-phase run."""
         return self.path / f"phase{phase + 1}.pt"
 
+    def artifacts(self) -> list[Path]:
+        """The files a tracker records (the model is logged on its own): recipe, history,
+        metrics, report and every plot."""
+        files = [self.config, self.history, self.metrics, self.report]
+        return [p for p in files if p.is_file()] + sorted(self.path.glob("*.png"))
+
     def probs_path(self, split: str) -> Path:
         return self.path / f"{split}_probs.npy"
 

@@ -1,1 +1,1 @@
-
+"""Deployment: predictors (PyTorch, ONNX Runtime), verified export, the prediction service."""

@@ -6,6 +6,7 @@ in ONNX Runtime; both take uint8 RGB images (N, H, W, 3) of any size and answer 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cifarlab.core.errors import UserError, require
 from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
 from cifarlab.data.loader import prepare
 from cifarlab.deploy.metadata import read_metadata
+from cifarlab.eval import explain
 
 
 class Preprocessed(torch.nn.Module):
@@ -49,6 +51,8 @@ class Preprocessed(torch.nn.Module):
 def fit_images(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 (N, H, W, 3) at size x size, contiguous; resized (bilinear, antialiased) if needed."""
     images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # e.g. straight from Pillow: torch wants to own writable data
+        images = images.copy()
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
     if images.shape[1:3] == (size, size):
@@ -86,6 +90,12 @@ class BasePredictor:
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def explain(self, images: np.ndarray, classes=None, method: str = "gradcam"):
+        raise UserError(
+            f"{self.model_name}: an exported (ONNX) model cannot be explained: ONNX Runtime gives "
+            "no gradients; explain the run directory or its best.pt instead"
+        )
 
     def probs(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, classes) for uint8 RGB images (N, H, W, 3) of any size."""
@@ -175,6 +185,7 @@ class Predictor(BasePredictor):
         self.info = info
         self.pipeline = Preprocessed(self.model, self.preprocess).to(self.device).eval()
         self.mean, self.std = self.pipeline.mean, self.pipeline.std
+        self._explained: torch.nn.Module | None = None  # explain's own copy, made on first use
 
     @classmethod
     def from_checkpoint(
@@ -188,6 +199,32 @@ class Predictor(BasePredictor):
         x = torch.from_numpy(images).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.choice.bf16):
             return self.pipeline(x).float().cpu().numpy()
+
+    def explain(
+        self, images: np.ndarray, classes: list[int] | None = None, method: str = "gradcam"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(maps (N, image_size, image_size) in [0, 1], probabilities (N, classes)) for uint8
+        images: where the model saw `classes` (default: its prediction), by Grad-CAM
+        (cifarlab.eval.explain), in fp32. It runs on a private copy of the model, so it may run
+        in another thread than predictions (hooks and gradients never touch the served model)."""
+        if self._explained is None:
+            self._explained = copy.deepcopy(self.model).float().eval()
+            self._explained.to(memory_format=torch.contiguous_format)
+            self._explained.requires_grad_(False)  # gradients w.r.t. the input path only
+            self._cam_layer = explain.cam_layer(self._explained)
+        images = fit_images(images, self.image_size)
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255
+        x = prepare(
+            x, self.pipeline.input_size, self.mean, self.std, False,
+            self.pipeline.interpolation, self.pipeline.resize_steps,
+        ).requires_grad_(True)  # fmt: skip
+        wanted = None if classes is None else torch.tensor(classes, dtype=torch.long)
+        maps, probs = explain.gradcam(self._explained, self._cam_layer, x, wanted, method)
+        if maps.shape[-1] != self.image_size:  # back from the model's input size
+            maps = F.interpolate(
+                torch.from_numpy(maps)[:, None], size=(self.image_size,) * 2, mode="bilinear"
+            )[:, 0].numpy()
+        return maps, probs
 
 
 class OnnxPredictor(BasePredictor):

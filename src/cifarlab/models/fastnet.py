@@ -98,6 +98,12 @@ class FastNet(nn.Module):
             },
         ]
 
+    def cam_layer(self) -> nn.Module:
+        """The last block, whose map the classifier max-pools: the evidence the prediction is
+        made of. Its map is 3 x 3 at 32 px, so heatmaps are coarse; on CIFAR-10 they sit on
+        the object (an earlier block's 7 x 7 map was finer but looked at the background)."""
+        return self.blocks[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))
         x = self.blocks(x)

@@ -9,6 +9,8 @@ mapping a normalised batch (N, 3, H, W) to logits (N, classes); these add to tha
   scoped weight decay); without it, one group of the trainable parameters.
 - `features(x)` and `head`: backbone features and the module that classifies them, so that a
   frozen-backbone phase can train the head on cached features.
+- `cam_layer()`: the module whose output (N, C, h, w) explanations weigh (Grad-CAM): the
+  last spatial feature map before the model pools it away.
 
 The loop asks `isinstance(model, Freezable)` and so on: a model offers a hook by defining it.
 """
@@ -41,3 +43,8 @@ class Backbone(Protocol):
     head: nn.Module
 
     def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class HasCamLayer(Protocol):
+    def cam_layer(self) -> nn.Module: ...

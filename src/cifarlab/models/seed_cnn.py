@@ -54,6 +54,11 @@ class SeedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def cam_layer(self) -> nn.Module:
+        """The last conv + BN + ReLU: the finest map that has seen the whole image's context
+        (before the last pooling; 8 x 8 at 32 px with three blocks)."""
+        return [m for m in self.features if isinstance(m, nn.Sequential)][-1]
+
 
 @register_model("seed_cnn", label="Custom CNN")
 def build(args: dict, num_classes: int, input_size: int, pretrained: bool):

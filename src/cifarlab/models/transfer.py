@@ -79,6 +79,10 @@ class TransferNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def cam_layer(self) -> nn.Module:
+        """The module timm names as the backbone's last feature stage (`feature_info`)."""
+        return self.backbone.get_submodule(self.backbone.feature_info[-1]["module"])
+
     def set_trainable(self, policy: str) -> None:
         """Apply a freeze policy: requires_grad per parameter, and eval mode for frozen modules."""
         trainable = self._trainable(policy)

@@ -18,11 +18,17 @@ from cifarlab.core.rundir import RunDir
 from cifarlab.core.version import __version__
 from cifarlab.data.dataset import ImageSet
 from cifarlab.data.split import split_data
-from cifarlab.eval.interrupted import score_interrupted
+from cifarlab.deploy.inference import Predictor
+from cifarlab.eval.explain import cam_layer
+from cifarlab.eval.interrupted import interrupted_predictor, score_interrupted
 from cifarlab.eval.metrics import BINS, calibration
 from cifarlab.report import plots
 
 MISTAKES = 32  # images in the grid of most confident mistakes
+HEATMAP_NOTE = (
+    "<p>Each mistake beside its Grad-CAM map for the predicted class: red is where the model "
+    "found the evidence for it (cifarlab explain gives the same for any image).</p>"
+)
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222;
@@ -103,7 +109,7 @@ def run_report(
             per_class = {c: v["accuracy"] for c, v in val["per_class"].items()}
             plots.class_accuracy({run["name"]: per_class}, png / "classes.png")
             figures["classes"] = embed(png / "classes.png", "per-class accuracy")
-        probs_path = run_dir / "val_probs.npy"
+        probs_path = RunDir(run_dir).probs_path("val")
         cal = None
         if "probs" in run:  # an interrupted run, scored just now
             notes.append(
@@ -124,16 +130,32 @@ def run_report(
                 )
                 figures["calibration"] = embed(png / "cal.png", "reliability diagram")
                 worst = most_confident_mistakes(probs, val_set.labels)
+                explainer, why = explainer_of(run_dir, interrupted="probs" in run)
+                notes += [why] if why else []
+                classes = val["classes"]
                 if len(worst):
-                    classes = val["classes"]
+                    predicted = probs[worst].argmax(1)
                     plots.mistakes(
                         val_set.images[worst],
                         [classes[i] for i in val_set.labels[worst]],
-                        [classes[i] for i in probs[worst].argmax(1)],
+                        [classes[i] for i in predicted],
                         probs[worst].max(1),
                         png / "mistakes.png",
+                        heat=heat_of(explainer, val_set.images[worst], predicted),
                     )
                     figures["mistakes"] = embed(png / "mistakes.png", "most confident mistakes")
+                right = most_confident_correct(probs, val_set.labels)
+                if explainer is not None and len(right):
+                    plots.examples(
+                        val_set.images[right],
+                        heat_of(explainer, val_set.images[right], val_set.labels[right]),
+                        [
+                            f"{classes[c]} {probs[i, c]:.0%}"
+                            for i, c in zip(right, val_set.labels[right], strict=True)
+                        ],
+                        png / "correct.png",
+                    )
+                    figures["correct"] = embed(png / "correct.png", "one correct example per class")
         elif val:
             notes.append("val_probs.npy is missing: no calibration or mistakes")
     body = [
@@ -168,11 +190,17 @@ def run_report(
         section(
             "mistakes",
             f"Most confident mistakes (top {MISTAKES}, validation split)",
-            figures.get("mistakes", "<p>none to show</p>"),
+            (HEATMAP_NOTE if "correct" in figures else "")
+            + figures.get("mistakes", "<p>none to show</p>"),
+        ),
+        section(
+            "explained",
+            "Where the model looks: one correct example per class (validation split)",
+            figures.get("correct", "<p>not available</p>"),
         ),
         section("recipe", "Resolved recipe", f"<pre>{esc(run['recipe_text'])}</pre>"),
     ]
-    return write_page(Path(out) if out else run_dir / "report.html", run["name"], body)
+    return write_page(Path(out) if out else RunDir(run_dir).report, run["name"], body)
 
 
 def comparison_report(run_dirs: list[str | Path], out: str | Path) -> Path:
@@ -218,6 +246,41 @@ def comparison_report(run_dirs: list[str | Path], out: str | Path) -> Path:
         ),
     ]
     return write_page(Path(out), f"comparison of {len(runs)} runs", body)
+
+
+def explainer_of(run_dir: Path, interrupted: bool):
+    """(a predictor of the weights that were scored, or None, and why not)."""
+    try:
+        if interrupted:
+            predictor = interrupted_predictor(run_dir)[0]
+        else:
+            predictor = Predictor.from_checkpoint(RunDir(run_dir).best)
+        cam_layer(predictor.model)  # a model family without one: no heatmaps, said why
+        return predictor, ""
+    except UserError as e:
+        return None, f"no heatmaps: {e}"
+
+
+def heat_of(explainer, images: np.ndarray, classes: np.ndarray) -> np.ndarray | None:
+    """Grad-CAM maps of `images` for `classes`, in batches (None without a model)."""
+    if explainer is None:
+        return None
+    maps = [
+        explainer.explain(images[i : i + 64], [int(c) for c in classes[i : i + 64]])[0]
+        for i in range(0, len(images), 64)
+    ]
+    return np.concatenate(maps)
+
+
+def most_confident_correct(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class (in class order), the correctly classified image with the highest probability."""
+    right = probs.argmax(1) == labels
+    picks = []
+    for c in range(probs.shape[1]):
+        idx = np.flatnonzero(right & (labels == c))
+        if len(idx):
+            picks.append(idx[probs[idx, c].argmax()])
+    return np.array(picks, dtype=int)
 
 
 def most_confident_mistakes(probs: np.ndarray, labels: np.ndarray, n: int = MISTAKES):

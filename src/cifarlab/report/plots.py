@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cifarlab.core.files import atomic_path  # noqa: E402
+from cifarlab.eval import explain  # noqa: E402
 
 
 def curves(history: list[dict], path: Path) -> None:
@@ -129,15 +130,61 @@ def mistakes(
     confidence: np.ndarray,
     path: Path,
     columns: int = 8,
+    heat: np.ndarray | None = None,
 ) -> None:
-    """A grid of images titled with their true and (wrongly) predicted labels."""
-    rows = max(1, -(-len(images) // columns))
+    """A grid of images titled with their true and (wrongly) predicted labels; with `heat`
+    (one map per image in [0, 1]), each image is drawn as a pair: the image, and where the
+    model saw its (wrong) prediction."""
+    per = 1 if heat is None else 2
+    columns = columns if heat is None else max(2, columns // 2 * 2)
+    cells = len(images) * per
+    rows = max(1, -(-cells // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.95 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
+    for ax in axes.flat:
         ax.axis("off")
-        if i < len(images):
-            ax.imshow(images[i], interpolation="nearest")
-            ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.0%}", fontsize=8)
+    for i in range(len(images)):
+        ax = axes.flat[i * per]
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_title(f"true: {true[i]}\npred: {predicted[i]} {confidence[i]:.0%}", fontsize=8)
+        if heat is not None:
+            axes.flat[i * per + 1].imshow(explain.overlay(images[i], heat[i]))
+            axes.flat[i * per + 1].set_title(f"where: {predicted[i]}", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def examples(images: np.ndarray, heat: np.ndarray, titles: list[str], path: Path) -> None:
+    """Pairs (image above, its class activation map below), one column per image."""
+    n = max(1, len(images))
+    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(len(images)):
+        axes[0, i].imshow(images[i], interpolation="nearest")
+        axes[0, i].set_title(titles[i], fontsize=8)
+        axes[1, i].imshow(explain.overlay(images[i], heat[i]))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def explanation(
+    image: np.ndarray, heat: np.ndarray, probs: np.ndarray, classes: list[str], title: str,
+    path: Path, k: int = 5,
+) -> None:  # fmt: skip
+    """One image explained: the image, the map for the class explained drawn over it, and the
+    top-k probabilities."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(9.6, 3.2), width_ratios=[1, 1, 1.3])
+    a.imshow(image, interpolation="nearest")
+    a.set_title("image", fontsize=9)
+    b.imshow(explain.overlay(image, heat))
+    b.set_title(title, fontsize=9)
+    for ax in (a, b):
+        ax.axis("off")
+    top = np.argsort(-probs)[:k][::-1]
+    c.barh([classes[i] for i in top], probs[top], color="#4878a8")
+    c.set_xlim(0, 1)
+    c.set_title(f"top {len(top)}", fontsize=9)
+    c.tick_params(labelsize=8)
     fig.tight_layout()
     _save(fig, path)
 

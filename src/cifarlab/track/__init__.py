@@ -1,1 +1,1 @@
-
+"""Experiment tracking: MLflow runs, metrics, artifacts and the logged model."""

@@ -30,7 +30,6 @@ from cifarlab.deploy.inference import Predictor, load_predictor
 DEFAULT_EXPERIMENT = "cifarlab"
 LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
-RUN_ARTIFACTS = ("config.yaml", "history.csv", "metrics.json", "report.html")
 NOT_METRICS = ("phase", "epoch", "step", "planned_epochs")  # history.csv columns, not metrics
 # MLflow's HTTP client retries a dead server for minutes by default; a tracker gives up sooner.
 MLFLOW_ENV = {
@@ -281,11 +280,12 @@ class MlflowTracker:
                 if key in result.get(split, {}):
                     final[f"final_{split}_{key}"] = result[split][key]
         self._log_metrics(final, 0)
-        for path in [out / name for name in RUN_ARTIFACTS] + sorted(out.glob("*.png")):
+        run = RunDir(out)
+        for path in run.artifacts():
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
-        if (out / "best.pt").is_file():
-            self._log_model(out / "best.pt", result)
+        if run.best.is_file():
+            self._log_model(run.best, result)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def _log_model(self, checkpoint: Path, result: dict) -> None:

@@ -1,6 +1,9 @@
 """The prediction service: a FastAPI app around any predictor, and how to run it with uvicorn.
 
-Routes: `POST /predict` (multipart field `file`, repeatable) -> top-k per image; `GET /health`;
+Routes: `POST /predict` (multipart field `file`, repeatable) -> top-k per image; `POST /explain`
+(one `file`) -> the Grad-CAM overlay as a base64 PNG with the top-k, computed on its own bounded
+queue (one worker, `explain_queue` waiting; 503 when full) so that explanations never hold up
+predictions; `GET /health`;
 `GET /metadata`; `GET /` (a page to try the model); `GET /openapi.json` (FastAPI's schema, for
 generated clients). Every error is JSON `{"error": "..."}` with a 4xx code: 400 (empty file, too
 many files), 413 (body over `max_upload_bytes`, counted while it streams in; image over
@@ -8,6 +11,7 @@ many files), 413 (body over `max_upload_bytes`, counted while it streams in; ima
 """
 
 import asyncio
+import base64
 import contextlib
 import io
 import os
@@ -15,9 +19,10 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -27,11 +32,16 @@ from starlette.exceptions import HTTPException
 
 from cifarlab.core.errors import UserError
 from cifarlab.data.image import BadImage, decode_image
+from cifarlab.deploy.inference import BasePredictor
 from cifarlab.deploy.serve.batching import MicroBatcher
+from cifarlab.eval import explain
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per request
 MAX_FILES = 16  # per request
 MAX_PIXELS = 16_000_000  # per image, checked from the header before decoding
+EXPLAIN_QUEUE = 16  # explanations running or waiting; more are answered 503 (retry shortly)
+EXPLAIN_SIDE = 256  # pixels per side of the overlay PNG (small images are scaled up)
+EXPLAIN_THREADS = 1  # CPU threads of the explain worker
 
 
 class Label(BaseModel):
@@ -49,10 +59,20 @@ class Predictions(BaseModel):
     predictions: list[ImagePrediction]
 
 
+class Explanation(BaseModel):
+    filename: str
+    method: str
+    label: str  # the class explained
+    probability: float
+    top: list[Label]
+    png: str  # base64 PNG: the image with the class activation map over it
+
+
 class Limits(BaseModel):
     max_upload_bytes: int
     max_files: int
     max_pixels: int
+    explain_queue: int
 
 
 class Metadata(BaseModel):
@@ -64,6 +84,7 @@ class Metadata(BaseModel):
     std: list[float]
     version: str | None
     max_batch: int
+    explain: bool  # whether POST /explain works (not for an ONNX model)
     limits: Limits
 
 
@@ -78,6 +99,7 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 413, 415, 422)}
+EXPLAIN_ERRORS = {code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503)}
 
 
 def create_app(
@@ -87,6 +109,7 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_files: int = MAX_FILES,
     max_pixels: int = MAX_PIXELS,
+    explain_queue: int = EXPLAIN_QUEUE,
 ) -> FastAPI:
     """The service for a predictor (`cifarlab.load(...)`); `max_batch=1` disables batching."""
     for name, value, low in (
@@ -95,6 +118,7 @@ def create_app(
         ("max_upload_bytes", max_upload_bytes, 1),
         ("max_files", max_files, 1),
         ("max_pixels", max_pixels, 1),
+        ("explain_queue", explain_queue, 1),
     ):
         if value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
@@ -103,7 +127,13 @@ def create_app(
     decoder = ThreadPoolExecutor(
         max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode"
     )
-    limits = Limits(max_upload_bytes=max_upload_bytes, max_files=max_files, max_pixels=max_pixels)
+    can_explain = explainable(predictor)
+    limits = Limits(
+        max_upload_bytes=max_upload_bytes,
+        max_files=max_files,
+        max_pixels=max_pixels,
+        explain_queue=explain_queue,
+    )
     page = (resources.files("cifarlab.deploy.serve") / "static" / "index.html").read_text()
     n_classes = len(predictor.classes)
 
@@ -111,6 +141,7 @@ def create_app(
     async def lifespan(_app: FastAPI):
         yield
         await batcher.close()
+        app.state.explainer.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="cifarlab",
@@ -134,7 +165,9 @@ def create_app(
 
     @app.get("/metadata")
     async def metadata() -> Metadata:
-        return Metadata(**predictor.metadata, max_batch=max_batch, limits=limits)
+        return Metadata(
+            **predictor.metadata, max_batch=max_batch, explain=can_explain, limits=limits
+        )
 
     @app.post("/predict", responses=ERRORS)
     async def predict(
@@ -166,7 +199,79 @@ def create_app(
             ],
         )
 
+    add_explain(app, predictor, decoder, explain_queue, max_pixels)
     return app
+
+
+def explainable(predictor) -> bool:
+    return type(predictor).explain is not BasePredictor.explain
+
+
+def add_explain(app: FastAPI, predictor, decoder, explain_queue: int, max_pixels: int) -> None:
+    """POST /explain, on its own worker thread and bounded queue."""
+    # one worker on one core: explanations queue behind each other, never take a prediction's
+    # cores (torch's thread count is per thread)
+    explainer = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="explain", initializer=torch.set_num_threads,
+        initargs=(EXPLAIN_THREADS,),
+    )  # fmt: skip
+    app.state.explainer = explainer
+    explaining = {"n": 0}  # requests in the explain queue (the event loop is one thread)
+    app.state.explaining = explaining
+    n_classes = len(predictor.classes)
+
+    @app.post("/explain", responses=EXPLAIN_ERRORS)
+    async def explain_image(
+        file: Annotated[UploadFile, File(description="one image")],
+        label: Annotated[
+            str | None, Query(alias="class", description="class to explain (default: predicted)")
+        ] = None,
+        method: Annotated[Literal["gradcam", "gradcam++"], Query()] = "gradcam",
+        top_k: Annotated[int, Query(ge=1, le=n_classes, description="classes listed")] = 5,
+    ) -> Explanation:
+        """Where the model found the evidence for a class: Grad-CAM over the image."""
+        if not explainable(predictor):
+            raise HTTPException(
+                400, "this model cannot be explained (ONNX); serve its run directory or best.pt"
+            )
+        if label is not None and label not in predictor.classes:
+            raise HTTPException(400, f"unknown class {label!r}; use one of {predictor.classes}")
+        if explaining["n"] >= explain_queue:
+            raise HTTPException(
+                503, f"{explain_queue} explanations are under way; try again in a moment",
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
+        explaining["n"] += 1
+        try:
+            name = file.filename or "file 1"
+            loop = asyncio.get_running_loop()
+            data = await file.read()
+            image = await loop.run_in_executor(
+                decoder, decode_upload, data, name, predictor.image_size, max_pixels
+            )
+            wanted = None if label is None else [predictor.classes.index(label)]
+            return await loop.run_in_executor(
+                explainer, explained, predictor, image, name, wanted, method, top_k
+            )
+        finally:
+            explaining["n"] -= 1
+
+
+def explained(predictor, image, name, wanted, method, top_k) -> Explanation:
+    """The explain worker's job: the map, the overlay PNG and the top-k of one image."""
+    maps, probs = predictor.explain(image[None], wanted, method)
+    k = int(probs[0].argmax()) if wanted is None else wanted[0]
+    scale = max(1, EXPLAIN_SIDE // image.shape[0])
+    big = image.repeat(scale, 0).repeat(scale, 1)  # pixels stay sharp; the map is smooth
+    png = explain.png_bytes(explain.overlay(big, maps[0]))
+    return Explanation(
+        filename=name,
+        method=method,
+        label=predictor.classes[k],
+        probability=float(probs[0, k]),
+        top=predictor.top_k(probs, top_k)[0],
+        png=base64.b64encode(png).decode("ascii"),
+    )
 
 
 def decode_upload(data: bytes, name: str, size: int, max_pixels: int) -> np.ndarray:
