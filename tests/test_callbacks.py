@@ -2,12 +2,15 @@
 and the model registry."""
 
 import pytest
+import torch
 from torch import nn
 
 import cifarlab
 from cifarlab.core.errors import UserError
 from cifarlab.core.rundir import RunDir
+from cifarlab.eval.interrupted import interrupted_predictor
 from cifarlab.models import build_model, model_label, register_model
+from cifarlab.training.callbacks.ema import averaged_weights
 from cifarlab.training.events import Callback
 from cifarlab.training.step import cross_entropy
 
@@ -175,3 +178,32 @@ def test_a_phase_is_typed():
     assert phase.layer_decay is None and phase.name == "train"
     keys = set(config.defaults()["train"]) | {"name"}
     assert keys == set(config.Phase.__dataclass_fields__)  # a train key without a field fails
+
+
+def test_an_ema_run_scores_the_average_and_resumes_exactly(
+    tiny_folder, tiny_recipe, tmp_path, monkeypatch
+):
+    from .conftest import crash_then_resume
+
+    recipe = tmp_path / "ema.yaml"
+    recipe.write_text(tiny_recipe.read_text().replace("lr: 0.01}", "lr: 0.01, ema: 0.8}"))
+    clean = cifarlab.train(recipe, tiny_folder, tmp_path / "clean", progress=False)
+    resumed = crash_then_resume(recipe, tiny_folder, tmp_path, monkeypatch, at_step=12)
+    assert resumed["val"]["loss"] == clean["val"]["loss"]  # the average came back from last.pt
+    assert RunDir(tmp_path / "killed").read_history() == [
+        {**r, "seconds": r2["seconds"], "train_images_per_s": r2["train_images_per_s"]}
+        for r, r2 in zip(
+            RunDir(tmp_path / "clean").read_history(),
+            RunDir(tmp_path / "killed").read_history(),
+            strict=True,
+        )
+    ]
+    state = RunDir(tmp_path / "clean").read_state()
+
+    average = averaged_weights(state)
+    assert average is not None and set(average) == set(state["model"])
+    assert any(not torch.equal(average[k], state["model"][k]) for k in average)
+    # an interrupted EMA run is scored with the average, as evaluate and report read it
+    predictor, epochs = interrupted_predictor(tmp_path / "clean")
+    assert epochs == 3
+    assert all(torch.equal(predictor.model.state_dict()[k].cpu(), average[k]) for k in average)
