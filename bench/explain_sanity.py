@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from common import save
 
 import cifarlab
-from cifarlab.core.rundir import RunDir
 from cifarlab.core.runtime import cpu_name
 from cifarlab.data.split import split_data
+from cifarlab.rundir import RunDir
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ from PIL import Image
 
 import cifarlab
 from cifarlab.cli import main
-from cifarlab.core.rundir import RunDir
 from cifarlab.data.split import split_data
 from cifarlab.eval.metrics import calibration, expected_calibration_error
 from cifarlab.report.html import run_report
+from cifarlab.rundir import RunDir
 
 from .conftest import make_folder
 

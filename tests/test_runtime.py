@@ -10,6 +10,7 @@ import yaml
 
 from cifarlab.core import runtime
 from cifarlab.core.runtime import decide, native_bf16
+from cifarlab.training.step import train_step
 
 CPU = torch.device("cpu")
 AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
@@ -89,7 +90,9 @@ def test_a_real_measurement_on_a_small_model():
     )
     model(torch.zeros(1, 3, 16, 16))
     rng = torch.get_rng_state()
-    choice = decide("auto", "auto", CPU, 1, model=model, input_size=16, batch=4)
+    choice = decide(
+        "auto", "auto", CPU, 1, model=model, input_size=16, batch=4, train_step=train_step
+    )
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
     assert choice.precision in ("fp32", "bf16") and all(v > 0 for v in choice.rates.values())
     assert model[0].weight.grad is None  # measured on a copy

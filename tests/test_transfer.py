@@ -14,10 +14,10 @@ import cifarlab
 from cifarlab import config
 from cifarlab.cli import main
 from cifarlab.core.errors import UserError
-from cifarlab.core.rundir import RunDir
 from cifarlab.data.split import split_data
 from cifarlab.models import build_model
 from cifarlab.models.transfer import build_transfer
+from cifarlab.rundir import RunDir
 
 from .conftest import crash_then_resume
 

@@ -10,15 +10,15 @@ import numpy as np
 
 from cifarlab import config
 from cifarlab.core.errors import UserError
-from cifarlab.core.rundir import RunDir
 from cifarlab.data import load_images
 from cifarlab.data.image import read_image
 from cifarlab.data.split import align_classes, split_data
 from cifarlab.deploy.export import export as export_model
 from cifarlab.deploy.inference import expand_inputs, load_predictor
-from cifarlab.eval.interrupted import interrupted_predictor
+from cifarlab.deploy.interrupted import interrupted_predictor
 from cifarlab.eval.metrics import metrics
 from cifarlab.report import plots
+from cifarlab.rundir import RunDir
 from cifarlab.training.budget import parse_budget
 from cifarlab.training.fit import fit
 

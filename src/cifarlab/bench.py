@@ -16,14 +16,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cifarlab import config
 from cifarlab.core.heap import reuse_freed_memory
-from cifarlab.core.rundir import RunDir
-from cifarlab.core.runtime import Choice, decide_for_recipe, use_compile
+from cifarlab.core.runtime import Choice, use_compile
 from cifarlab.data import ImageSet
 from cifarlab.data.augment import AugmentConfig
 from cifarlab.data.loader import BatchLoader
 from cifarlab.models import build_model
+from cifarlab.rundir import RunDir
 from cifarlab.training.budget import with_size
-from cifarlab.training.step import train_step
+from cifarlab.training.step import decide_precision, train_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -135,7 +135,7 @@ def _sized_model(recipe_name: str, size: int) -> tuple[dict, dict, torch.nn.Modu
     recipe = with_size(recipe, settings)
     model, pre = build_model(recipe["model"], 10, recipe["data"]["image_size"], pretrained=False)
     input_size = int(pre["input_size"])
-    choice = decide_for_recipe(
+    choice = decide_precision(
         recipe, model.to(DEVICE), input_size, torch.device(DEVICE), torch.get_num_threads()
     )
     return recipe, settings, model, input_size, choice
@@ -272,7 +272,7 @@ def data_speed(recipe_name: str, n: int = 10000, epochs: int = 2) -> dict:
         [str(i) for i in range(10)],
     )
     model, pre = build_model(recipe["model"], 10, size, pretrained=False)
-    choice = decide_for_recipe(
+    choice = decide_precision(
         recipe,
         model.to(DEVICE),
         int(pre["input_size"]),

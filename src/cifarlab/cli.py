@@ -101,7 +101,7 @@ def check_budget_unit(text: str | None) -> None:
 def pretrained_overrides(args) -> dict:
     """--pretrained-source / --weights as model keys; refused for a model without a backbone."""
     from cifarlab import config
-    from cifarlab.core.rundir import RunDir
+    from cifarlab.rundir import RunDir
 
     recipe = RunDir(args.resume).recipe() if args.resume else config.load_recipe(args.recipe)
     if recipe["model"]["name"] != "timm":

@@ -27,7 +27,6 @@ from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_write_text
 from cifarlab.core.log import log
 from cifarlab.core.progress import bar
-from cifarlab.core.rundir import RunDir
 from cifarlab.core.runtime import cpu_name, resolve_device
 from cifarlab.data import load_images
 from cifarlab.data.split import align_classes, split_data
@@ -35,6 +34,7 @@ from cifarlab.deploy.inference import Predictor
 from cifarlab.eval.metrics import metrics
 from cifarlab.models import model_label
 from cifarlab.models.pretrained import SOURCES
+from cifarlab.rundir import RunDir
 
 SEED_RECIPES = ("seed-cnn", "seed-resnet50")
 #: The seed notebook's published test accuracies (GPU, ImageNet weights for ResNet50).

@@ -1,2 +1,2 @@
-"""What every stage uses: one-line errors, the atomic writer, the run directory, checkpoints,
-the measured runtime decisions (device, threads, precision), the logger and progress bars."""
+"""What every stage uses: one-line errors, the atomic writer, checkpoint files, the measured
+runtime decisions (device, threads, precision), the logger and progress bars."""

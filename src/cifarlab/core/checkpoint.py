@@ -17,7 +17,6 @@ from torch import nn
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_save
 from cifarlab.core.version import __version__
-from cifarlab.models import build_model
 
 FORMAT = "cifarlab-checkpoint"
 
@@ -71,19 +70,3 @@ def resolve_path(path: str | Path) -> Path:
             raise UserError(f"{path} has no best.pt; is it a finished cifarlab run directory?")
         return path / "best.pt"
     return path
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint (or run directory). Returns (model in eval mode, info)."""
-    ckpt = read(resolve_path(path))
-    if ckpt.get("format") != FORMAT:
-        raise UserError(
-            f"{path} is not a cifarlab model checkpoint; pass best.pt from a run directory"
-        )
-    model, _ = build_model(
-        ckpt["model"], len(ckpt["classes"]), ckpt["preprocess"]["input_size"], pretrained=False
-    )
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    return model, info

@@ -27,7 +27,6 @@ from functools import cache
 import torch
 
 from cifarlab.core.errors import UserError
-from cifarlab.training.step import train_step
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCH_MARGIN = 1.1  # how much faster than the safer choice (fp32, contiguous) another must be
@@ -203,17 +202,21 @@ class Choice:
         }
 
 
+StepFn = Callable[..., object]  # training.step.train_step: (net, opt, x, y, bf16)
+
+
 def step_rate(
     model: torch.nn.Module,
     input_size: int,
     bf16: bool,
     channels_last: bool,
-    train: bool,
     batch: int,
+    train_step: StepFn | None = None,
     steps: int = 2,
 ) -> float:
-    """Images/s of `steps` training steps (forward, backward, SGD update) or forward passes of
-    a copy of `model` on random data, after one untimed step."""
+    """Images/s of `steps` calls of `train_step` (forward, backward, SGD update), or without
+    it of forward passes, of a copy of `model` on random data, after one untimed call."""
+    train = train_step is not None
     device = next(model.parameters()).device
     net = copy.deepcopy(model).train(train)
     fmt = memory_format(channels_last)
@@ -255,12 +258,13 @@ def decide(
     model: torch.nn.Module | None = None,
     input_size: int = 32,
     batch: int = 64,
-    train: bool = True,
+    train_step: StepFn | None = None,
     native: tuple[bool, str] | None = None,
 ) -> Choice:
     """Decide precision and memory format for `model` (or with `timer`, for tests): pinned
-    values are kept; `auto` is measured among the candidates this device has. Pinning bf16 on a
-    CPU without native bf16 is kept, with a warning note carrying the measured slow-down."""
+    values are kept; `auto` is measured among the candidates this device has, by `train_step`
+    (training) or by forward passes (inference). Pinning bf16 on a CPU without native bf16 is
+    kept, with a warning note carrying the measured slow-down."""
     precision, fmt = check_precision(precision), check_memory_format(memory_format_setting)
     if device.type == "cuda":  # no measuring: these are right on every card that has them
         bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
@@ -276,7 +280,7 @@ def decide(
             # emulated bf16 (pinned against the machine) is timed on a few images: seconds,
             # where a full probe batch could take minutes
             images = 4 if bf16 and not native_ok else batch
-            return step_rate(model, input_size, bf16, channels_last, train, images)
+            return step_rate(model, input_size, bf16, channels_last, images, train_step)
 
     # in order of preference: a later candidate must be SWITCH_MARGIN faster to be chosen, so
     # that measurement noise does not flip the decision (and the metrics) between two runs
@@ -307,22 +311,6 @@ def decide(
         if rates[_key(*bc)] > SWITCH_MARGIN * rates[_key(*best)]:
             best = bc
     return Choice(str(device), _prec_name(best[0]), _fmt_name(best[1]), threads, rates, note)
-
-
-def decide_for_recipe(
-    recipe: dict, model: torch.nn.Module, input_size: int, device: torch.device, threads: int
-) -> Choice:
-    """`decide` for training a recipe's model: its precision and memory_format settings, timed
-    with training steps of a probe batch sized to its input."""
-    return decide(
-        recipe["precision"],
-        recipe["memory_format"],
-        device,
-        threads,
-        model=model,
-        input_size=input_size,
-        batch=probe_batch(input_size, recipe["train"]["batch_size"]),
-    )
 
 
 def _key(bf16: bool, channels_last: bool) -> str:

@@ -27,11 +27,12 @@ from cifarlab.core import checkpoint
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_path
 from cifarlab.core.progress import bar
-from cifarlab.core.rundir import RunDir
 from cifarlab.data.image import read_image
 from cifarlab.data.split import split_data
 from cifarlab.deploy.inference import Preprocessed, expand_inputs, fit_images
 from cifarlab.deploy.metadata import metadata
+from cifarlab.models import load_model
+from cifarlab.rundir import RunDir
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -53,7 +54,7 @@ def export(
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use onnx or torchscript")
     ckpt = checkpoint.resolve_path(checkpoint_or_run_dir)
-    model, info = checkpoint.load_model(ckpt)
+    model, info = load_model(ckpt)
     size = int(info["preprocess"]["image_size"])
     if images:
         samples = np.stack([read_image(p, size) for p in expand_inputs(images)[:verify_images]])

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab.core import checkpoint, runtime
+from cifarlab.core import runtime
 from cifarlab.core.errors import UserError, require
 from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
 from cifarlab.data.loader import prepare
 from cifarlab.deploy.metadata import read_metadata
 from cifarlab.eval import explain
+from cifarlab.models import load_model
 
 
 class Preprocessed(torch.nn.Module):
@@ -179,7 +180,6 @@ class Predictor(BasePredictor):
             model=self.model,
             input_size=size,
             batch=runtime.probe_batch(size, 64),
-            train=False,
         )
         self.model.to(memory_format=runtime.memory_format(self.choice.channels_last))
         self.info = info
@@ -191,7 +191,7 @@ class Predictor(BasePredictor):
     def from_checkpoint(
         cls, path: str | Path, device: str = "cpu", precision: str = "auto"
     ) -> Predictor:
-        model, info = checkpoint.load_model(path)
+        model, info = load_model(path)
         return cls(model, info, device, precision)
 
     @torch.no_grad()

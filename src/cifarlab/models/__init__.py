@@ -9,6 +9,7 @@ from cifarlab.models.registry import (
     CIFAR_STD,
     build_model,
     count_parameters,
+    load_model,
     model_label,
     register_model,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "CIFAR_STD",
     "build_model",
     "count_parameters",
+    "load_model",
     "model_label",
     "register_model",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from cifarlab.core import checkpoint
 from cifarlab.core.errors import UserError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -85,3 +86,19 @@ def model_label(spec: dict) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint (or run directory). Returns (model in eval mode, info)."""
+    ckpt = checkpoint.read(checkpoint.resolve_path(path))
+    if ckpt.get("format") != checkpoint.FORMAT:
+        raise UserError(
+            f"{path} is not a cifarlab model checkpoint; pass best.pt from a run directory"
+        )
+    model, _ = build_model(
+        ckpt["model"], len(ckpt["classes"]), ckpt["preprocess"]["input_size"], pretrained=False
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, info

@@ -14,15 +14,15 @@ import numpy as np
 from cifarlab import config
 from cifarlab.core.errors import UserError
 from cifarlab.core.files import atomic_write_text
-from cifarlab.core.rundir import RunDir
 from cifarlab.core.version import __version__
 from cifarlab.data.dataset import ImageSet
 from cifarlab.data.split import split_data
 from cifarlab.deploy.inference import Predictor
+from cifarlab.deploy.interrupted import interrupted_predictor, score_interrupted
 from cifarlab.eval.explain import cam_layer
-from cifarlab.eval.interrupted import interrupted_predictor, score_interrupted
 from cifarlab.eval.metrics import BINS, calibration
 from cifarlab.report import plots
+from cifarlab.rundir import RunDir
 
 MISTAKES = 32  # images in the grid of most confident mistakes
 HEATMAP_NOTE = (

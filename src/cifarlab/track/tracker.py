@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarlab.core.rundir import RunDir
 from cifarlab.core.runtime import resolve_device
 from cifarlab.core.version import __version__
 from cifarlab.deploy.inference import Predictor, load_predictor
+from cifarlab.rundir import RunDir
 
 DEFAULT_EXPERIMENT = "cifarlab"
 LOCAL_DB = "mlflow.db"

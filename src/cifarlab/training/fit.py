@@ -16,16 +16,13 @@ import numpy as np
 import torch
 
 from cifarlab import config
-from cifarlab.core import checkpoint
 from cifarlab.core.errors import Interrupted, UserError
 from cifarlab.core.heap import reuse_freed_memory
 from cifarlab.core.log import log
 from cifarlab.core.progress import bar as progress_bar
 from cifarlab.core.progress import enabled as progress_enabled
-from cifarlab.core.rundir import RunDir
 from cifarlab.core.runtime import (
     Choice,
-    decide_for_recipe,
     memory_format,
     resolve_device,
     set_threads,
@@ -37,10 +34,11 @@ from cifarlab.data.loader import BatchLoader
 from cifarlab.data.split import split_data
 from cifarlab.eval.metrics import expected_calibration_error, metrics, phase_summaries
 from cifarlab.eval.predict import predict_probs
-from cifarlab.models import build_model, count_parameters
+from cifarlab.models import build_model, count_parameters, load_model
 from cifarlab.models.protocol import DataInit
 from cifarlab.report import html as report
 from cifarlab.report import plots
+from cifarlab.rundir import RunDir
 from cifarlab.track.tracker import NullTracker
 from cifarlab.training import budget
 from cifarlab.training.callbacks.checkpoints import Checkpoints
@@ -54,6 +52,7 @@ from cifarlab.training.callbacks.replan import Replan
 from cifarlab.training.callbacks.tracking import Tracking
 from cifarlab.training.events import Callback
 from cifarlab.training.interrupt import CTRL_C
+from cifarlab.training.step import decide_precision
 from cifarlab.training.trainer import Trainer
 
 
@@ -157,7 +156,7 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
     model, preprocess = build_model(recipe["model"], len(classes), recipe["data"]["image_size"])
     model.to(device)
     # measured here, once; resume reads the decision from config.yaml
-    choice = decide_for_recipe(recipe, model, int(preprocess["input_size"]), device, threads)
+    choice = decide_precision(recipe, model, int(preprocess["input_size"]), device, threads)
     recipe = {**recipe, "precision": choice.precision, "memory_format": choice.memory_format}
     preprocess["image_size"] = recipe["data"]["image_size"]
     model.to(device, memory_format=memory_format(choice.channels_last))
@@ -227,7 +226,7 @@ def finish(t: Trainer, test_set: ImageSet | None) -> dict:
     """Score the best checkpoint on val (and test) in the run's precision and layout, write
     metrics.json, the plots and report.html, then tell the callbacks (tracking)."""
     run, choice, recipe = t.run, t.choice, t.recipe
-    best, info = checkpoint.load_model(run.best)
+    best, info = load_model(run.best)
     best.to(t.device, memory_format=memory_format(choice.channels_last))
     tta = int(recipe["train"]["eval_tta"])
     kw = dict(device=t.device, preprocess=info["preprocess"], channels_last=choice.channels_last)

@@ -1,7 +1,7 @@
 """The one training step: forward under the run's precision, loss, backward, optimizer update.
 
-The training loop, the budget planner, the precision check and the benchmarks all call it, so
-what is timed is what trains."""
+The training loop, the budget planner, the precision check (`decide_precision`) and the
+benchmarks all call it, so what is timed is what trains."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from cifarlab.core import runtime
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,3 +40,20 @@ def train_step(
     loss.backward()
     opt.step()
     return loss, logits
+
+
+def decide_precision(
+    recipe: dict, model: torch.nn.Module, input_size: int, device: torch.device, threads: int
+) -> runtime.Choice:
+    """`decide` for training a recipe's model: its precision and memory_format settings, timed
+    with training steps of a probe batch sized to its input."""
+    return runtime.decide(
+        recipe["precision"],
+        recipe["memory_format"],
+        device,
+        threads,
+        model=model,
+        input_size=input_size,
+        batch=runtime.probe_batch(input_size, recipe["train"]["batch_size"]),
+        train_step=train_step,
+    )

@@ -15,13 +15,13 @@ import torch
 from cifarlab import config
 from cifarlab.core.errors import UserError
 from cifarlab.core.progress import bar as progress_bar
-from cifarlab.core.rundir import RunDir
 from cifarlab.core.runtime import Choice
 from cifarlab.data.augment import AugmentConfig
 from cifarlab.data.dataset import ImageSet
 from cifarlab.eval.metrics import metrics
 from cifarlab.eval.predict import predict_probs
 from cifarlab.models.protocol import Freezable, HasParamGroups
+from cifarlab.rundir import RunDir
 from cifarlab.training.events import Callback
 from cifarlab.training.interrupt import CTRL_C
 from cifarlab.training.optim import lr_factor, make_optimizer
@@ -233,8 +233,10 @@ class Trainer:
         self.warmup = int(self.phase.warmup_epochs * self.steps_per_epoch)
 
     def training_state(self) -> dict:
-        """What last.pt holds: enough to resume exactly after the last finished epoch."""
-        return {
+        """What last.pt holds: enough to resume exactly after the last finished epoch, and
+        `scored`: the weights validated this epoch where a callback supplies other ones (EMA),
+        so that an interrupted run is scored as it was validated."""
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -242,3 +244,6 @@ class Trainer:
             "state": self.state,
             "rng": {"torch": torch.get_rng_state()},
         }
+        if self.scored is not self.model:
+            state["scored"] = self.scored.state_dict()
+        return state

@@ -38,11 +38,3 @@ class EMA(Callback):
     def load_state_dict(self, state: dict) -> None:
         if self.average is not None and state:
             self.average.load_state_dict(state)
-
-
-def averaged_weights(training_state: dict) -> dict | None:
-    """The averaged model's weights in a last.pt, or None where the run kept no average."""
-    state = training_state.get("callbacks", {}).get(EMA.name) or {}
-    return {
-        k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")
-    } or None

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from cifarlab.core import checkpoint
-from cifarlab.core.rundir import RunDir
 from cifarlab.data.dataset import ImageSet
 from cifarlab.data.split import split_data
 from cifarlab.deploy.inference import Predictor
 from cifarlab.eval.metrics import metrics, phase_summaries
-from cifarlab.models import count_parameters
-from cifarlab.training.callbacks.ema import averaged_weights
+from cifarlab.models import count_parameters, load_model
+from cifarlab.rundir import RunDir
 
 
 def interrupted_predictor(run_dir, device: str = "cpu") -> tuple[Predictor, int]:
-    """A predictor of the weights last.pt holds (the averaged ones where the run kept an EMA),
-    in the architecture, preprocessing and precision best.pt records; with the number of
-    finished epochs."""
+    """A predictor of the weights last.pt holds (those validated: the average where the run
+    kept an EMA), in the architecture, preprocessing and precision best.pt records; with the
+    number of finished epochs."""
     run = RunDir(run_dir)
-    model, info = checkpoint.load_model(run.best)
+    model, info = load_model(run.best)
     last = run.read_state()
-    model.load_state_dict(averaged_weights(last) or last["model"])
+    model.load_state_dict(last.get("scored") or last["model"])
     return Predictor(model, info, device), len(last["state"]["history"])
 
 
