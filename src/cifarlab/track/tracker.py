@@ -50,6 +50,21 @@ class NullTracker:
     def finish(self, result: dict, out: Path) -> None:
         pass
 
+    def start_parent(self, name: str, params: dict | None = None) -> None:
+        pass
+
+    def child(self) -> NullTracker:
+        return self
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
 
 def tracking_uri(uri: str | None = None) -> str:
     """`uri`, else $MLFLOW_TRACKING_URI, else the local store ./mlflow.db (an absolute URI)."""
@@ -183,6 +198,10 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | Path) -> None:
         self._guarded("log an artifact", lambda: self.client.log_artifact(self.run_id, str(path)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.run_id is not None:
+            self._guarded("tag the run", lambda: self.client.set_tag(self.run_id, key, value))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -14,7 +14,8 @@ The `Trainer` calls, on every callback in the order given:
 Events are plain method calls on the callbacks the run was given (no attribute forwarding, no
 exceptions for control flow). What a callback may change on the trainer: `t.net`, `t.batches`
 and `t.val_probs` (what trains and how it is validated, e.g. on cached features), `t.loss_fn`
-(e.g. a distillation loss), `t.stop_phase`, and the plan through `t.replan(recipe)`.
+(e.g. a distillation loss), `t.stop_phase` (end this phase) and `t.stop_run` (end the
+training; the best epoch so far is scored as usual), and the plan through `t.replan(recipe)`.
 A callback's `state_dict()` goes into last.pt under its `name` and comes back through
 `load_state_dict` when a run resumes inside the same phase, so resume stays exact.
 """

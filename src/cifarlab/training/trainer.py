@@ -73,9 +73,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train what is left of the run; returns its state (history, best accuracy)."""
         self.emit("fit_start")
+        self.stop_run = False  # a callback may end the whole run (a pruned trial)
         for p_i in range(len(self.phases)):
-            if p_i < self.state["phase"] or self.state["done"]:
-                continue  # finished before a resume
+            if p_i < self.state["phase"] or self.state["done"] or self.stop_run:
+                continue  # finished before a resume, or stopped
             self._start_phase(p_i)
             while self.epoch < self.epochs:
                 # -- train one epoch, then validate the weights that are scored --
@@ -217,7 +218,7 @@ class Trainer:
         """Record the epoch in the run's state (what last.pt saves) after the decisions."""
         self.row["planned_epochs"] = self.phase.epochs  # re-plans show in the history
         self.state["history"].append(self.row)
-        self.phase_done = self.epoch + 1 >= self.epochs or self.stop_phase
+        self.phase_done = self.epoch + 1 >= self.epochs or self.stop_phase or self.stop_run
         self.state["epoch"] = 0 if self.phase_done else self.epoch + 1
         self.state["phase"] = self.phase_index + (1 if self.phase_done else 0)
 

@@ -83,6 +83,7 @@ class Metadata(BaseModel):
     mean: list[float]
     std: list[float]
     version: str | None
+    registered: str | None = None  # NAME/VERSION in the model registry, if served from it
     max_batch: int
     explain: bool  # whether POST /explain works (not for an ONNX model)
     limits: Limits
