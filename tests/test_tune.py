@@ -137,3 +137,29 @@ def test_the_shipped_spaces_name_real_keys_and_hold_the_recipes_values(name):
             assert value in spec["choices"], key
         elif not (name == "seed-cnn" and key == "train.weight_decay"):  # 0 = off, said so
             assert spec["low"] <= value <= spec["high"], key
+
+
+def test_pruning_waits_for_the_end_of_the_lr_warm_up():
+    from types import SimpleNamespace
+
+    from cifarlab.tune import Pruning
+
+    class Trial:
+        number, reported = 0, []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True  # a pruner that would end every trial
+
+    trial = Trial()
+    prune = Pruning(trial)
+    t = SimpleNamespace(state={"history": []}, row={"val_accuracy": 0.3}, step=50, warmup=100)
+    t.stop_run = False
+    prune.on_validation_end(t)
+    assert not t.stop_run and trial.reported == [(1, 0.3)]  # reported, not pruned mid warm-up
+    t.step = 100
+    t.state["history"].append({})
+    prune.on_validation_end(t)
+    assert t.stop_run and prune.pruned and trial.reported[-1] == (2, 0.3)
