@@ -115,7 +115,7 @@ class Trainer:
         self.opt = make_optimizer(params, phase)
         # what trains and how it is validated; callbacks may replace these (feature cache)
         self.net, self.batches = model, self.train_loader
-        self.val_probs = functools.partial(self._predict_val)
+        self.val_probs = self._predict_val
         self.loss_fn = functools.partial(cross_entropy, label_smoothing=phase.label_smoothing)
         self.pending_seconds = 0.0  # one-off costs counted into the phase's first epoch
         self.first_epoch_one_off = self.compiled
