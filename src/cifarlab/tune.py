@@ -118,7 +118,7 @@ def open_study(name: str, storage: str, seed: int, pruner) -> optuna.Study:
     except Exception as e:  # noqa: BLE001 - a bad URL or unwritable file: the user's input
         raise UserError(f"cannot open the study storage {storage} ({e}); check --storage") from None
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
         log(f"tune: trial {trial.number} was interrupted; its settings are tried again")
     return study
@@ -141,7 +141,7 @@ def tune(
 ) -> dict:
     """Run (or continue) a study until it holds `trials` finished (complete or pruned) trials;
     returns {"best": {...}, "trials": [...], "out": ...}. `pruner` defaults to Optuna's median
-    pruner (after two trials and one epoch)."""
+    pruner (from the third trial; never during a phase's LR warm-up, see `Pruning`)."""
     if trials < 1:
         raise UserError("--trials must be at least 1")
     overrides = {**(overrides or {}), "data.test": None}  # trials never see a test split
@@ -167,7 +167,8 @@ def tune(
     result = summarize(st, base, search, out)
     if tracker is not None:
         for path in [out / "trials.md", out / "trials.csv", out / "best.yaml", *out.glob("*.png")]:
-            tracker.log_artifact(path)
+            if path.is_file():  # no best.yaml when every trial was pruned
+                tracker.log_artifact(path)
         tracker.end("FINISHED")
     return result
 
