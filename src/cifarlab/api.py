@@ -6,8 +6,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cifarlab import config
 from cifarlab.core.errors import UserError
 from cifarlab.data import load_images
@@ -172,7 +170,8 @@ def explain(
             f"--class {class_name!r} is not one of the model's classes: {', '.join(predictor.classes)}"
         )
     paths = expand_inputs(inputs)
-    predictor.explain(np.zeros((1, predictor.image_size, predictor.image_size, 3), np.uint8))
+    if predictor.explain_refusal():  # before any image is read
+        raise UserError(predictor.explain_refusal())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, used = [], set()

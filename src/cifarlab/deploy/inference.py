@@ -94,11 +94,15 @@ class BasePredictor:
     def _logits(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def explain(self, images: np.ndarray, classes=None, method: str = "gradcam"):
-        raise UserError(
+    def explain_refusal(self) -> str:
+        """Why this predictor cannot explain ("" when it can)."""
+        return (
             f"{self.model_name}: an exported (ONNX) model cannot be explained: ONNX Runtime gives "
             "no gradients; explain the run directory or its best.pt instead"
         )
+
+    def explain(self, images: np.ndarray, classes=None, method: str = "gradcam"):
+        raise UserError(self.explain_refusal())
 
     def probs(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, classes) for uint8 RGB images (N, H, W, 3) of any size."""
@@ -201,6 +205,13 @@ class Predictor(BasePredictor):
         x = torch.from_numpy(images).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.choice.bf16):
             return self.pipeline(x).float().cpu().numpy()
+
+    def explain_refusal(self) -> str:
+        try:
+            explain.cam_layer(self.model)
+        except UserError as e:
+            return str(e)
+        return ""
 
     def explain(
         self, images: np.ndarray, classes: list[int] | None = None, method: str = "gradcam"

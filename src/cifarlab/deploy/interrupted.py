@@ -23,9 +23,9 @@ def interrupted_predictor(run_dir, device: str = "cpu") -> tuple[Predictor, int]
     return Predictor(model, info, device), len(last["state"]["history"])
 
 
-def score_interrupted(run_dir) -> tuple[dict, np.ndarray, ImageSet]:
+def score_interrupted(run_dir) -> tuple[dict, np.ndarray, ImageSet, Predictor]:
     """metrics.json's fields for a run that did not finish: last.pt scored (plain, no TTA) on
-    the run's validation split, as `cifarlab evaluate` scores it."""
+    the run's validation split, as `cifarlab evaluate` scores it; with the predictor scored."""
     run = RunDir(run_dir)
     recipe = run.recipe({"data.test": None})
     train_set, val_set, _ = split_data(recipe)
@@ -45,4 +45,4 @@ def score_interrupted(run_dir) -> tuple[dict, np.ndarray, ImageSet]:
         "phases": phase_summaries(history),
         "val": metrics(probs, val_set.labels, val_set.classes),
     }
-    return result, probs, val_set
+    return result, probs, val_set, predictor

@@ -18,8 +18,7 @@ from cifarlab.core.version import __version__
 from cifarlab.data.dataset import ImageSet
 from cifarlab.data.split import split_data
 from cifarlab.deploy.inference import Predictor
-from cifarlab.deploy.interrupted import interrupted_predictor, score_interrupted
-from cifarlab.eval.explain import cam_layer
+from cifarlab.deploy.interrupted import score_interrupted
 from cifarlab.eval.metrics import BINS, calibration
 from cifarlab.report import plots
 from cifarlab.rundir import RunDir
@@ -59,8 +58,8 @@ def read_run(run_dir: str | Path) -> dict:
     if run.finished():
         metrics = run.read_metrics()
     elif run.last.is_file():
-        metrics, probs, val_set = score_interrupted(run)
-        extra = {"probs": probs, "val_set": val_set}
+        metrics, probs, val_set, predictor = score_interrupted(run)
+        extra = {"probs": probs, "val_set": val_set, "predictor": predictor}
     else:
         raise UserError(f"{run} has no metrics.json or last.pt; pass a training run's directory")
     recipe_text = run.recipe_text()
@@ -130,7 +129,7 @@ def run_report(
                 )
                 figures["calibration"] = embed(png / "cal.png", "reliability diagram")
                 worst = most_confident_mistakes(probs, val_set.labels)
-                explainer, why = explainer_of(run_dir, interrupted="probs" in run)
+                explainer, why = explainer_of(run_dir, run.get("predictor"))
                 notes += [why] if why else []
                 classes = val["classes"]
                 if len(worst):
@@ -248,17 +247,15 @@ def comparison_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     return write_page(Path(out), f"comparison of {len(runs)} runs", body)
 
 
-def explainer_of(run_dir: Path, interrupted: bool):
-    """(a predictor of the weights that were scored, or None, and why not)."""
+def explainer_of(run_dir: Path, scored=None):
+    """(a predictor of the weights that were scored — `scored`, an interrupted run's, else
+    best.pt's — or None, and why not)."""
     try:
-        if interrupted:
-            predictor = interrupted_predictor(run_dir)[0]
-        else:
-            predictor = Predictor.from_checkpoint(RunDir(run_dir).best)
-        cam_layer(predictor.model)  # a model family without one: no heatmaps, said why
-        return predictor, ""
+        predictor = scored or Predictor.from_checkpoint(RunDir(run_dir).best)
     except UserError as e:
         return None, f"no heatmaps: {e}"
+    refusal = predictor.explain_refusal()  # a model family without a cam_layer: said why
+    return (None, f"no heatmaps: {refusal}") if refusal else (predictor, "")
 
 
 def heat_of(explainer, images: np.ndarray, classes: np.ndarray) -> np.ndarray | None:

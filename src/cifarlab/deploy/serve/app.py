@@ -32,7 +32,6 @@ from starlette.exceptions import HTTPException
 
 from cifarlab.core.errors import UserError
 from cifarlab.data.image import BadImage, decode_image
-from cifarlab.deploy.inference import BasePredictor
 from cifarlab.deploy.serve.batching import MicroBatcher
 from cifarlab.eval import explain
 
@@ -128,7 +127,7 @@ def create_app(
     decoder = ThreadPoolExecutor(
         max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode"
     )
-    can_explain = explainable(predictor)
+    can_explain = not predictor.explain_refusal()
     limits = Limits(
         max_upload_bytes=max_upload_bytes,
         max_files=max_files,
@@ -204,10 +203,6 @@ def create_app(
     return app
 
 
-def explainable(predictor) -> bool:
-    return type(predictor).explain is not BasePredictor.explain
-
-
 def add_explain(app: FastAPI, predictor, decoder, explain_queue: int, max_pixels: int) -> None:
     """POST /explain, on its own worker thread and bounded queue."""
     # one worker on one core: explanations queue behind each other, never take a prediction's
@@ -220,6 +215,7 @@ def add_explain(app: FastAPI, predictor, decoder, explain_queue: int, max_pixels
     explaining = {"n": 0}  # requests in the explain queue (the event loop is one thread)
     app.state.explaining = explaining
     n_classes = len(predictor.classes)
+    refusal = predictor.explain_refusal()
 
     @app.post("/explain", responses=EXPLAIN_ERRORS)
     async def explain_image(
@@ -231,10 +227,8 @@ def add_explain(app: FastAPI, predictor, decoder, explain_queue: int, max_pixels
         top_k: Annotated[int, Query(ge=1, le=n_classes, description="classes listed")] = 5,
     ) -> Explanation:
         """Where the model found the evidence for a class: Grad-CAM over the image."""
-        if not explainable(predictor):
-            raise HTTPException(
-                400, "this model cannot be explained (ONNX); serve its run directory or best.pt"
-            )
+        if refusal:
+            raise HTTPException(400, refusal)
         if label is not None and label not in predictor.classes:
             raise HTTPException(400, f"unknown class {label!r}; use one of {predictor.classes}")
         if explaining["n"] >= explain_queue:
