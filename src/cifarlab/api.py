@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab import config
+from cifarlab.core import distributed
 from cifarlab.core.errors import UserError
+from cifarlab.core.runtime import resolve_device
 from cifarlab.data import load_images
 from cifarlab.data.image import read_image
 from cifarlab.data.split import align_classes, split_data
@@ -59,6 +61,8 @@ def train(
             "no training data: pass --data PATH (an image folder, an archive or 'cifar10')"
         )
     run = RunDir(out or Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}")
+    if distributed.init(resolve_device(resolved["device"])).active:
+        run = RunDir(distributed.broadcast(str(run)))  # rank 0's clock names the run
     if run.last.exists():
         raise UserError(
             f"{run} already holds a run; use --resume {run} to continue it or another --out"

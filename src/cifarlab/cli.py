@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from cifarlab import __version__
-from cifarlab.core.errors import Interrupted, UserError, require
+from cifarlab.core.errors import Interrupted, RunFailed, UserError, require
 
 MAIN_EXAMPLES = """Train, compare and serve small-image classifiers. For example:
 
@@ -27,8 +28,10 @@ TRAIN_EXAMPLES = """Train a recipe into a run directory. For example:
 
   cifarlab train --recipe fast --budget 15m --data cifar10 --out runs/fast
   cifarlab train --recipe seed-cnn --data photos/ --epochs 5 --set augment.cutout=8
-  cifarlab train --resume runs/fast    # continue an interrupted run"""
+  cifarlab train --resume runs/fast    # continue an interrupted run
+  cifarlab train --recipe fast --data cifar10 --nproc-per-node 2   # DDP, 2 processes"""
 
+OTHER_RANKS_GRACE_S = 3.0  # see `failed`
 FLAG_KEYS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr"}
 
 
@@ -42,6 +45,8 @@ def overrides_from(args) -> dict:
         if getattr(args, flag) is not None:
             out[f"train.{key}"] = getattr(args, flag)
             out[f"*phases.{key}"] = getattr(args, flag)
+    if getattr(args, "sync_bn", False):
+        out["sync_bn"] = True
     for flag, key in (
         ("image_size", "data.image_size"),
         ("limit", "data.limit"),
@@ -55,7 +60,25 @@ def overrides_from(args) -> dict:
     return out
 
 
+def launched(args, run_dir: str | None) -> bool:
+    """With --nproc-per-node/--nnodes (and not yet under torchrun): run this same command as
+    torchrun's processes (training/launch.py) and say so; the exit code is theirs."""
+    from cifarlab.training import launch
+
+    if not (args.nproc_per_node or args.nnodes) or launch.under_torchrun():
+        return False
+    code = launch.launch(
+        args.argv, args.nproc_per_node or 1, args.nnodes or 1, args.node_rank,
+        args.rdzv_endpoint, run_dir,
+    )  # fmt: skip
+    if code:
+        raise SystemExit(code)
+    return True
+
+
 def cmd_train(args) -> None:
+    if launched(args, args.out or args.resume):
+        return
     from cifarlab import api
 
     if args.resume is None and args.data is None:
@@ -78,6 +101,11 @@ def cmd_train(args) -> None:
         tracker=tracker_from(args),
         budget=args.budget,
     )
+    from cifarlab.core import distributed
+
+    distributed.close()
+    if not main_process():
+        return
     line = f"run: {result['run_dir']}  val_accuracy {result['val']['accuracy']:.4f}"
     if "test" in result:
         line += f"  test_accuracy {result['test']['accuracy']:.4f}"
@@ -157,13 +185,18 @@ def cmd_compare(args) -> None:
 
 
 def cmd_tune(args) -> None:
+    if launched(args, None):
+        return
     from cifarlab.tune import tune
 
     result = tune(
         args.recipe, args.data, args.trials, args.out, args.budget_per_trial, args.space,
-        args.study, args.storage, overrides_from(args), tracker=tracker_from(args),
+        args.study, args.storage, overrides_from(args),
+        tracker=tracker_from(args) if main_process() else None,
         progress=not args.no_progress, seed=args.seed or 0,
     )  # fmt: skip
+    if not main_process():
+        return
     print(Path(result["out"], "trials.md").read_text(), end="")
     best = result["best"]
     if best is None:
@@ -501,7 +534,17 @@ def add_train(sub) -> None:
     add_tracking_flags(t)
     add_register_flags(t)
     t.add_argument("--register", metavar="NAME", help="register the model as a version of NAME")
+    add_distributed_flags(t)
     t.set_defaults(func=cmd_train)
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("several processes (DDP, through torchrun; docs/distributed.md)")
+    d.add_argument("--nproc-per-node", type=int, metavar="N", help="train in N processes here")
+    d.add_argument("--nnodes", type=int, metavar="M", help="machines that train together")
+    d.add_argument("--node-rank", type=int, metavar="R", help="this machine's rank (0 hosts)")
+    d.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="where the machines meet")
+    d.add_argument("--sync-bn", action="store_true", help="BatchNorm over the global batch (CUDA)")
 
 
 def add_compare(sub) -> None:
@@ -562,6 +605,7 @@ def add_tune(sub) -> None:
     u.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key")
     u.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     add_tracking_flags(u)
+    add_distributed_flags(u)
     u.set_defaults(func=cmd_tune, image_size=None)
 
 
@@ -694,8 +738,26 @@ def add_tools(sub) -> None:
     rc.set_defaults(func=cmd_recipes)
 
 
+def main_process() -> bool:
+    """Under torchrun, rank 0 alone prints results and errors (the others exit quietly)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def failed(code: int, message: str) -> int:
+    """Say a failure (rank 0) and return its exit code. Under torchrun another rank first waits
+    a little: torchrun stops every process as soon as one exits with an error, and rank 0
+    must not be stopped before it has said what was wrong and removed what it started."""
+    if main_process():
+        print(message, file=sys.stderr)
+    else:
+        time.sleep(OTHER_RANKS_GRACE_S)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "no_progress", False):
         from cifarlab.core import progress
 
@@ -703,11 +765,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"cifarlab: error: {e}", file=sys.stderr)
-        return 2
+        return failed(2, f"cifarlab: error: {e}")
+    except RunFailed as e:
+        return failed(1, f"cifarlab: error: {e}")
     except Interrupted as e:
-        print(f"cifarlab: {e}", file=sys.stderr)
-        return 130
+        return failed(130, f"cifarlab: {e}")
     except KeyboardInterrupt:
         print(
             "cifarlab: interrupted; a training run continues with `cifarlab train --resume RUN_DIR`",

@@ -9,6 +9,10 @@ when the process died is marked failed and its settings tried again. MLflow gets
 for the study and one child run per trial (state tag `optuna.state`), wired here rather than
 through Optuna's MLflow callback, which loses the parent run (optuna#5148, #4088).
 
+Under torchrun (`cifarlab tune --nproc-per-node N`) trials run one after another, each one
+distributed: rank 0 owns the study, the pruner, MLflow and the files, and sends each trial's
+settings to the other ranks (`follow`), which train it with it.
+
 At the end, in `<out>`: best.yaml (the recipe with the best trial's settings, for
 `cifarlab train --recipe best.yaml`), trials.md / trials.csv, and Optuna's optimisation-history
 and parameter-importance plots as PNG (also logged to the parent run).
@@ -32,9 +36,11 @@ import optuna  # noqa: E402
 from optuna.visualization import matplotlib as ov  # noqa: E402
 
 from cifarlab import api, config  # noqa: E402
+from cifarlab.core import distributed  # noqa: E402
 from cifarlab.core.errors import UserError  # noqa: E402
 from cifarlab.core.files import atomic_path, atomic_write_text  # noqa: E402
 from cifarlab.core.log import log  # noqa: E402
+from cifarlab.core.runtime import resolve_device  # noqa: E402
 from cifarlab.training.events import Callback  # noqa: E402
 
 SPACES = resources.files("cifarlab") / "recipes" / "spaces"
@@ -149,6 +155,8 @@ def tune(
     search = load_space(base, space)
     name = study or f"{base['name']}-tune"
     out = Path(out) if out else Path("runs") / "tune" / name
+    if not distributed.init(resolve_device(base["device"])).main:
+        return follow(recipe, data, overrides, budget_per_trial)
     storage = storage or "sqlite:///tune.db"
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -160,6 +168,7 @@ def tune(
         while (done := len(finished(st))) < trials:
             log(f"tune: trial {done + 1}/{trials} of study {name}")
             run_trial(st, recipe, data, out, search, overrides, budget_per_trial, tracker, progress)
+        distributed.broadcast(None)  # the other ranks: no more trials
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
@@ -173,6 +182,16 @@ def tune(
     return result
 
 
+def follow(recipe, data, overrides: dict, budget: str | None) -> dict:
+    """A rank other than 0: train each trial rank 0 sends, until it says there are no more."""
+    while (trial := distributed.broadcast(None)) is not None:
+        api.train(
+            recipe, data, trial["run_dir"], None, {**overrides, **trial["values"]},
+            progress=False, budget=budget,
+        )  # fmt: skip
+    return {"best": None, "trials": [], "out": None}
+
+
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return study.get_trials(deepcopy=False, states=states)
@@ -184,6 +203,7 @@ def run_trial(study, recipe, data, out, search, overrides, budget, tracker, prog
     child = tracker.child() if tracker is not None else None
     prune = Pruning(trial)
     run_dir = out / f"trial-{trial.number}"
+    distributed.broadcast({"run_dir": str(run_dir), "values": values})  # under torchrun
     try:
         result = api.train(
             recipe, data, run_dir, None, {**overrides, **values}, progress=progress,

@@ -116,6 +116,7 @@ RULES: dict[str, Rule] = {
     "precision": one_of("auto", "fp32", "bf16"),
     "memory_format": one_of("auto", "channels_last", "contiguous"),
     "compile": one_of("auto", True, False),
+    "sync_bn": BOOL,
     "data.source": optional(TEXT),
     "data.test": optional(TEXT),
     "data.image_size": integer(8, 1024),

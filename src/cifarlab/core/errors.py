@@ -34,3 +34,8 @@ def require(*modules: str, what: str) -> None:
             extra = EXTRAS.get(name, "serve")
             pip = f"pip install 'cifarlab[{extra}]'" if extra else "pip install cifarlab"
             raise UserError(f"{what} needs the {name} package, which is not installed: {pip}")
+
+
+class RunFailed(Exception):
+    """A run stopped for a reason outside the user's input (another process of a distributed
+    run died); the message says what was kept and how to continue. Exit code 1."""

@@ -1,5 +1,12 @@
 """Batches straight from a uint8 tensor on the training device: index, scale, augment, resize,
-normalise. No worker processes, no per-image Python: the data path stays far ahead of the model."""
+normalise. No worker processes, no per-image Python: the data path stays far ahead of the model.
+
+Under torchrun (`world_size` > 1) `batch_size` is the global batch: every process draws the same
+order and the same augmentation for the whole global batch, then keeps its own rows of it
+(`rank::world_size`), so the processes never overlap and the global stream of (image, view)
+pairs is the same for any number of processes. Augmenting the whole batch on every process
+repeats the cheap part (indexing, flips, crops at 32 px); resizing, normalising and the model
+run on the process's rows only."""
 
 from __future__ import annotations
 
@@ -32,10 +39,7 @@ class BatchLoader:
         self.num_classes = len(data.classes)
         self.batch_size, self.device, self.aug = batch_size, device, aug
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.rank, self.world_size = (
-            rank,
-            world_size,
-        )  # each process of a torchrun job takes a shard
+        self.rank, self.world_size = rank, world_size  # this process's rows of each batch
         self.channels_last = channels_last
         self.input_size = int(preprocess["input_size"])
         self.mean = torch.tensor(preprocess["mean"], device=device).view(1, 3, 1, 1)
@@ -48,25 +52,37 @@ class BatchLoader:
             self.flipped = (torch.rand(len(self.labels), generator=g) < 0.5).to(device)
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world_size))
+        """Global batches: the same on every process."""
+        n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def share(self, i: int) -> float:
+        """This process's share of batch i (its rows / the batch's rows); 1 in a world of one."""
+        rows = min(self.batch_size, len(self.labels) - i * self.batch_size)
+        return len(range(self.rank, rows, self.world_size)) / rows
 
     def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs, targets): targets are soft (N, classes) when augmenting, else class ids.
         `index` (the epoch's number) decides which images an alternating flip mirrors."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         n = len(self.labels)
-        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
-        positions = torch.arange(n, device=self.device)[self.rank :: self.world_size]
+        order = (
+            torch.randperm(n, generator=g, device=self.device)
+            if self.shuffle
+            else torch.arange(n, device=self.device)
+        )
+        mine = slice(self.rank, None, self.world_size)
         for i in range(len(self)):
-            pos = positions[i * self.batch_size : (i + 1) * self.batch_size]
-            idx = order[pos] if order is not None else pos
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if self.aug is None:
+                idx = idx[mine]
             x = self.images[idx].float().div_(255)
             y = self.labels[idx]
-            if self.aug is not None:
+            if self.aug is not None:  # drawn for the whole global batch, then this rank's rows
                 y = F.one_hot(y, self.num_classes).float()
                 mask = None if self.flipped is None else self.flipped[idx] ^ bool(index % 2)
                 x, y = augment(x, y, self.aug, g, mask)
+                x, y = x[mine], y[mine]
             yield self.prepare(x), y
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,17 +8,19 @@ from torch import nn
 from cifarlab.models.registry import register_model
 
 
-def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+def conv_bn(c_in: int, c_out: int, batchnorm: bool = True) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batchnorm),
+        nn.BatchNorm2d(c_out) if batchnorm else nn.Identity(),
         nn.ReLU(inplace=True),
     )
 
 
 class SeedCNN(nn.Module):
     """`widths` blocks of `convs_per_block` 3x3 conv+BN+ReLU, each block ending in 2x2 max pooling,
-    then flatten -> Dense(dense) + BN + ReLU -> Dropout -> Dense(num_classes) (softmax in the loss)."""
+    then flatten -> Dense(dense) + BN + ReLU -> Dropout -> Dense(num_classes) (softmax in the loss).
+    `batchnorm: false` drops the BatchNorm layers (an ablation; and a network whose result does
+    not depend on how a batch is split between processes)."""
 
     def __init__(
         self,
@@ -29,13 +31,14 @@ class SeedCNN(nn.Module):
         dense: int = 256,
         dropout: float = 0.5,
         block_dropout: float = 0.0,
+        batchnorm: bool = True,
     ):
         super().__init__()
         layers: list[nn.Module] = []
         c = 3
         for w in widths:
             for _ in range(convs_per_block):
-                layers.append(conv_bn(c, w))
+                layers.append(conv_bn(c, w, batchnorm))
                 c = w
             layers.append(nn.MaxPool2d(2))
             if block_dropout:
@@ -44,8 +47,8 @@ class SeedCNN(nn.Module):
         side = image_size // 2 ** len(widths)
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c * side * side, dense, bias=False),
-            nn.BatchNorm1d(dense),
+            nn.Linear(c * side * side, dense, bias=not batchnorm),
+            nn.BatchNorm1d(dense) if batchnorm else nn.Identity(),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(dense, num_classes),

@@ -4,10 +4,14 @@ set up     device, threads, the data split, the model, the precision decision (m
 plan       with a budget: the size and epochs that fit (training/budget.py)
 train      the Trainer's loop with the run's callbacks (training/trainer.py)
 finish     the best checkpoint scored on val (and test), metrics.json, plots, report.html
+
+Under torchrun every process runs `fit`; rank 0 alone measures the precision check's decision,
+plans the budget and writes (run directory, console, MLflow): see core/distributed.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +20,8 @@ import numpy as np
 import torch
 
 from cifarlab import config
-from cifarlab.core.errors import Interrupted, UserError
+from cifarlab.core import distributed
+from cifarlab.core.errors import Interrupted, RunFailed, UserError
 from cifarlab.core.heap import reuse_freed_memory
 from cifarlab.core.log import log
 from cifarlab.core.progress import bar as progress_bar
@@ -72,15 +77,25 @@ def fit(
     interrupted before its first epoch leaves no run directory behind."""
     run = RunDir(out)
     existed = run.path.exists()
-    progress_enabled(progress)
+    world = distributed.init(resolve_device(recipe["device"]))
+    progress_enabled(progress and world.main)
+    tracker = tracker if world.main else None  # one MLflow run: rank 0's
     try:
         with CTRL_C.installed():
             return _fit(recipe, run, resume, tracker, budget_s, callbacks or [])
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(run, existed)) from None
     except UserError:  # e.g. a budget too small: found before the first step
-        run.discard_unstarted(existed)
+        if world.main:
+            run.discard_unstarted(existed)
         raise
+    except RuntimeError as e:
+        if not distributed.lost_peer(e):
+            raise
+        raise RunFailed(
+            f"rank {world.rank}: another process of this run stopped; "
+            + interrupted_message(run, existed).removeprefix("interrupted; ")
+        ) from None
 
 
 def interrupted_message(run: RunDir, existed: bool) -> str:
@@ -91,7 +106,8 @@ def interrupted_message(run: RunDir, existed: bool) -> str:
             f"interrupted; {run.last} holds {run.finished_epochs()} finished epoch(s): "
             f"continue with `cifarlab train --resume {run}`"
         )
-    run.discard_unstarted(existed)
+    if distributed.world().main:
+        run.discard_unstarted(existed)
     return f"interrupted before the first epoch finished: nothing resumable was written ({run} removed)"
 
 
@@ -112,11 +128,14 @@ class Setup:
 
 def run_callbacks(setup: Setup, tracker, started: float) -> list[Callback]:
     """The run's callbacks, in the order they see each event: deciders first (early stopping
-    before re-planning: a stopped phase is not re-planned), then what records the epoch."""
+    before re-planning: a stopped phase is not re-planned), then what records the epoch.
+    Under torchrun the recorders (files, MLflow, console) run on rank 0 only."""
     plan = setup.plan
     callbacks: list[Callback] = [CachedFeatures(), EMA(), LookaheadAveraging(), EarlyStopping()]
-    if plan is not None:
+    if plan is not None:  # rank 0's: the others follow its plan (Trainer._agree)
         callbacks.append(Replan(plan, started))
+    if not distributed.world().main:
+        return callbacks
     seconds = (
         plan.epoch_seconds
         if plan
@@ -146,9 +165,15 @@ def _fit(recipe, run: RunDir, resume, tracker, budget_s, extra: list[Callback]) 
 def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
     """Set up the run: (Setup, loader_for(phase), val_loader). Writes config.yaml once, with
     every decision in it (precision, size, epochs): resume reads them back."""
-    device = resolve_device(recipe["device"])
+    device = distributed.local_device(resolve_device(recipe["device"]))
+    world = distributed.world()
     threads = set_threads(recipe["threads"])
     use_compile(recipe["compile"], device)  # a bad setting fails before the data is read
+    if recipe["sync_bn"] and world.active and device.type != "cuda":
+        raise UserError(
+            "--sync-bn (sync_bn: true) needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
+            "on the CPU each process normalises over its own rows of the batch"
+        )
     torch.manual_seed(recipe["seed"])
     train_set, val_set, test_set = split_data(recipe)  # bad data fails before anything is written
     loaded = time.perf_counter()
@@ -157,6 +182,7 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
     model.to(device)
     # measured here, once; resume reads the decision from config.yaml
     choice = decide_precision(recipe, model, int(preprocess["input_size"]), device, threads)
+    choice = Choice(**distributed.broadcast(dataclasses.asdict(choice)))  # rank 0's, for all
     recipe = {**recipe, "precision": choice.precision, "memory_format": choice.memory_format}
     preprocess["image_size"] = recipe["data"]["image_size"]
     model.to(device, memory_format=memory_format(choice.channels_last))
@@ -179,15 +205,20 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         log(f"resuming {run} at {where}")
 
     eval_kw = dict(device=device, preprocess=preprocess, channels_last=choice.channels_last)
-    val_loader = BatchLoader(val_set, 500, **eval_kw)
+    val_loader = BatchLoader(distributed.share(val_set), 500, **eval_kw)  # gathered
     aug = [AugmentConfig(**recipe["augment"])]  # the chosen size's, once planned
 
     def loader_for(phase, batch: int | None = None) -> BatchLoader:
-        batch = batch or phase.batch_size
+        batch = batch or phase.batch_size  # the global batch: each process takes its rows
+        if min(batch, len(train_set)) < world.size:
+            raise UserError(
+                f"a batch of {min(batch, len(train_set))} images cannot be shared by "
+                f"{world.size} processes: use a batch size of at least {world.size}"
+            )
         drop_last = len(train_set) > batch
         return BatchLoader(
             train_set, batch, aug=aug[0], shuffle=True, drop_last=drop_last,
-            seed=recipe["seed"], **eval_kw,
+            seed=recipe["seed"], rank=world.rank, world_size=world.size, **eval_kw,
         )  # fmt: skip
 
     def build(model_cfg: dict) -> torch.nn.Module:
@@ -196,22 +227,29 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
 
     plan = None
     if budget_s is not None and not resume:
-        plan = budget.plan(
-            recipe, model, loader_for, val_loader, choice.bf16, budget_s,
-            lambda: time.perf_counter() - started, log,
-            build=build, overhead_s=time.perf_counter() - loaded,
-        )  # fmt: skip
-        recipe = plan.recipe
-        if plan.resized:  # the budget chose another size of the recipe
+        if world.main:  # the others wait for its plan (timed on rank 0's share of a batch)
+            plan = budget.plan(
+                recipe, model, loader_for, val_loader, choice.bf16, budget_s,
+                lambda: time.perf_counter() - started, log,
+                build=build, overhead_s=time.perf_counter() - loaded,
+            )  # fmt: skip
+        planned = distributed.broadcast(
+            {"recipe": plan.recipe, "resized": plan.resized} if plan else None
+        )
+        recipe = plan.recipe if plan else planned["recipe"]
+        if planned["resized"]:  # the budget chose another size of the recipe
             model = build(recipe["model"])
             aug[0] = AugmentConfig(**recipe["augment"])
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
         log(
             f"budget: first training step {time.perf_counter() - loaded:.1f}s after the data loaded"
         )
-    run.write_recipe(recipe)
+    if world.main:
+        run.write_recipe(recipe)
     if isinstance(model, DataInit) and not resume:  # once, on the model the budget chose
         model.init_from_data(sample_batch(train_set, preprocess, device))
+    if recipe["sync_bn"] and world.active:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters
     setup = Setup(recipe, model, preprocess, choice, train_set, val_set, test_set, plan, saved)
     return setup, loader_for, val_loader
 
@@ -224,8 +262,10 @@ def sample_batch(data: ImageSet, preprocess: dict, device: torch.device, n: int 
 
 def finish(t: Trainer, test_set: ImageSet | None) -> dict:
     """Score the best checkpoint on val (and test) in the run's precision and layout, write
-    metrics.json, the plots and report.html, then tell the callbacks (tracking)."""
+    metrics.json, the plots and report.html, then tell the callbacks (tracking). Under DDP
+    every process scores its share of the images, and rank 0 writes."""
     run, choice, recipe = t.run, t.choice, t.recipe
+    distributed.barrier()  # rank 0 has written best.pt
     best, info = load_model(run.best)
     best.to(t.device, memory_format=memory_format(choice.channels_last))
     tta = int(recipe["train"]["eval_tta"])
@@ -245,10 +285,15 @@ def finish(t: Trainer, test_set: ImageSet | None) -> dict:
     for name, data in (("val", t.val_set), ("test", test_set)):
         if data is not None and len(data):
             desc = f"scoring {name}" + (f" (TTA {tta})" if tta else "")
-            probs = predict_probs(best, BatchLoader(data, 500, **kw), tta, choice.bf16, desc=desc)
+            loader = BatchLoader(distributed.share(data), 500, **kw)
+            probs = predict_probs(best, loader, tta, choice.bf16, desc=desc)
+            probs = distributed.gather_rows(probs, len(data))
             result[name] = metrics(probs, data.labels, data.classes)
             result[name]["ece"] = expected_calibration_error(probs, data.labels)
-            run.write_probs(name, probs)
+            if t.world.main:
+                run.write_probs(name, probs)
+    if not t.world.main:
+        return result
     stages = progress_bar(total=3, desc="writing the plots, report and tracking")
     run.write_metrics(result)
     plots.curves(history, run.curves)

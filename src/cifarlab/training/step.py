@@ -30,14 +30,18 @@ def train_step(
     y: torch.Tensor,
     bf16: bool,
     loss_fn: LossFn = cross_entropy,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of `opt`'s parameters on batch (x, y); the loss is computed in fp32.
-    Returns (loss, logits), both still on the device (no host sync)."""
+    `scale` multiplies the loss that is differentiated (not the one returned): under DDP it is
+    world size x this process's share of the global batch, so that DDP's average of the
+    processes' gradients is the gradient of the global batch's mean loss even where the batch
+    does not divide evenly. Returns (loss, logits), both still on the device (no host sync)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x)
     loss = loss_fn(logits.float(), y, x)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale if scale != 1.0 else loss).backward()
     opt.step()
     return loss, logits
 

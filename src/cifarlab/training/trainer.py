@@ -3,6 +3,12 @@ validated and recorded; everything optional plugs in as a callback (see `events`
 
 Read `fit` top to bottom: it is the whole loop. Per-phase set-up is `_start_phase`; one
 epoch's steps are `_train_epoch`; `_validate` and `_advance` close the epoch.
+
+Under torchrun each process runs this same loop on its rows of every global batch, the network
+wrapped in DistributedDataParallel (gradients averaged across processes); the epoch's training
+loss and accuracy are summed over processes, validation is split between them and gathered, and
+rank 0's decisions (early stopping, re-planning, pruning) reach the others in `_agree`. What
+only rank 0 does (files, console, MLflow) is decided by which callbacks each process gets.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 import torch
 
 from cifarlab import config
+from cifarlab.core import distributed
 from cifarlab.core.errors import UserError
 from cifarlab.core.progress import bar as progress_bar
 from cifarlab.core.runtime import Choice
@@ -58,6 +65,7 @@ class Trainer:
         self.preprocess, self.loader_for, self.val_loader = preprocess, loader_for, val_loader
         self.callbacks, self.compiled, self.saved = callbacks, compiled, resume
         self.device = next(model.parameters()).device
+        self.world = distributed.world()
         self.aug = AugmentConfig(**recipe["augment"])  # the chosen size's
         self.trained_in = {"precision": choice.precision, "memory_format": choice.memory_format}
         self.state = (
@@ -83,6 +91,7 @@ class Trainer:
                 self._train_epoch()
                 self._validate()
                 self.emit("validation_end")  # decisions: early stopping, re-planning
+                self._agree()  # under DDP: rank 0's decisions on every process
                 self._advance()
                 self.emit("epoch_end")  # records: checkpoints, history, tracking, console
                 if self.phase_done:
@@ -132,6 +141,9 @@ class Trainer:
         self.emit("phase_start")
         if self.compiled:
             self.net = torch.compile(self.net)  # the same parameters: checkpoints see them
+        if self.world.active:  # after compiling, as nanoGPT does; rank 0's weights to all
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.epoch = 0
         if self.saved is not None:  # resuming: inside this phase, or at its start
             if self.state["epoch"] > 0:
@@ -150,7 +162,7 @@ class Trainer:
     # -- an epoch -----------------------------------------------------------------------------
     def _train_epoch(self) -> None:
         seed = epoch_seed(self.recipe["seed"], self.phase_index, self.epoch)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + (self.world.rank << 32))  # e.g. dropout: its own per process
         self.epoch_started = time.perf_counter()
         self.model.train()
         if isinstance(self.model, Freezable):
@@ -165,8 +177,9 @@ class Trainer:
             self.step = self.epoch * self.steps_per_epoch + i  # steps done in this phase
             if self.step >= self.horizon:  # a fractional last epoch
                 break
+            scale = self.world.size * self.batches.share(i) if self.world.active else 1.0
             with CTRL_C.deferred():  # Ctrl-C lands between steps, never inside one
-                loss, logits = train_step(self.net, self.opt, x, y, self.bf16, self.loss_fn)
+                loss, logits = train_step(self.net, self.opt, x, y, self.bf16, self.loss_fn, scale)
             self.sched.step()
             self.step += 1
             self.emit("step_end")
@@ -181,11 +194,14 @@ class Trainer:
                 )
         steps.close()
         self.train_seconds = time.perf_counter() - self.epoch_started
-        self.train_loss, self.train_accuracy = float(loss_sum) / seen, float(correct) / seen
+        loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])  # all images
+        self.train_loss, self.train_accuracy = loss_sum / seen, correct / seen
         self.seen = seen
 
     def _predict_val(self, model: torch.nn.Module):
-        return predict_probs(model, self.val_loader, 0, self.bf16, desc="validating")
+        """Each process predicts its share of the validation images; all get all of them."""
+        probs = predict_probs(model, self.val_loader, 0, self.bf16, desc="validating")
+        return distributed.gather_rows(probs, len(self.val_set))
 
     def scored_model(self) -> torch.nn.Module:
         model = self.model
@@ -196,6 +212,7 @@ class Trainer:
     def _validate(self) -> None:
         """Plain validation of the scored weights (TTA is for the final scoring)."""
         self.scored = self.scored_model()
+        distributed.sync_from_main(self.scored)  # rank 0's weights are the ones validated
         self.val = metrics(self.val_probs(self.scored), self.val_set.labels, self.classes)
         self.row = {
             "phase": self.phase.name,
@@ -214,6 +231,22 @@ class Trainer:
         if self.improved:
             self.state["best"] = self.val["accuracy"]
 
+    def _agree(self) -> None:
+        """Under DDP: rank 0's decisions of this epoch (stop the phase or the run, a new plan)
+        on every process: they depend on its clock and its callbacks, and must not diverge."""
+        if not self.world.active:
+            return
+        said = distributed.broadcast(
+            {
+                "stop": [self.stop_phase, self.stop_run],
+                "horizon": self.horizon,
+                "recipe": self.recipe,
+            }
+        )
+        self.stop_phase, self.stop_run = said["stop"]
+        if not self.world.main and (said["horizon"], said["recipe"]) != (self.horizon, self.recipe):
+            self.replan(said["recipe"], said["horizon"])
+
     def _advance(self) -> None:
         """Record the epoch in the run's state (what last.pt saves) after the decisions."""
         self.row["planned_epochs"] = self.phase.epochs  # re-plans show in the history
@@ -226,7 +259,7 @@ class Trainer:
     def replan(self, recipe: dict, horizon: int) -> None:
         """Adopt a new plan (a budget re-plan): the recipe with new epochs, and the current
         phase's new length in steps; config.yaml is rewritten when the plan changed."""
-        if recipe != self.recipe:
+        if recipe != self.recipe and self.world.main:
             self.run.write_recipe(recipe)
         self.recipe, self.phases = recipe, config.phases(recipe)
         self.phase = self.phases[self.phase_index]

@@ -7,6 +7,8 @@ the recipe's per-image augmentations) and the validation images, then serves epo
 (features, targets) batches the way `BatchLoader` serves images; the training loop calls
 `model.head` on them. MixUp/CutMix mix images across a batch and are not applied to cached views.
 The cache lives in memory; a resumed run recomputes it (the same features: the backbone is fixed).
+Under torchrun each process extracts its share of the images and all processes gather the whole
+cache; an epoch then gives each process its rows of every global batch, as `BatchLoader` does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import Phase
+from cifarlab.core import distributed
 from cifarlab.core.errors import UserError
 from cifarlab.core.log import log
 from cifarlab.core.progress import bar
@@ -79,19 +82,24 @@ class FeatureCache:
         kw = dict(device=device, preprocess=preprocess, channels_last=channels_last)
         per_image = dataclasses.replace(aug, mixup=0.0, cutmix=0.0)
         model.eval()
+        self.world = distributed.world()
+        mine = distributed.share(train_set)
         self.train = torch.stack(
             [
-                _extract(
-                    model,
-                    BatchLoader(train_set, EXTRACT_BATCH, aug=per_image if v else None, **kw),
-                    seed * VIEW_SEED + v,
-                    bf16,
+                distributed.gather_rows(
+                    _extract(
+                        model,
+                        BatchLoader(mine, EXTRACT_BATCH, aug=per_image if v else None, **kw),
+                        seed * VIEW_SEED + v,
+                        bf16,
+                    ),
+                    len(train_set),
                 )
                 for v in range(views)
             ]
         )  # (views, N, features)
-        val_loader = BatchLoader(val_set, EXTRACT_BATCH, **kw)
-        self.val = _extract(model, val_loader, 0, bf16)
+        val_loader = BatchLoader(distributed.share(val_set), EXTRACT_BATCH, **kw)
+        self.val = distributed.gather_rows(_extract(model, val_loader, 0, bf16), len(val_set))
         labels = torch.from_numpy(train_set.labels).long().to(device)
         self.targets = F.one_hot(labels, len(train_set.classes)).float()
         self.batch_size = phase.batch_size
@@ -107,6 +115,11 @@ class FeatureCache:
         n = self.train.shape[1]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def share(self, i: int) -> float:
+        """This process's share of batch i (as BatchLoader.share)."""
+        rows = min(self.batch_size, self.train.shape[1] - i * self.batch_size)
+        return len(range(self.world.rank, rows, self.world.size)) / rows
+
     def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (features, soft targets) in a shuffled order; each image from a random view.
         (`index`, the epoch's number, is the image loader's; views here are drawn at random.)"""
@@ -114,8 +127,9 @@ class FeatureCache:
         views, n, _ = self.train.shape
         order = torch.randperm(n, generator=g, device=self.device)
         view = torch.randint(0, views, (n,), generator=g, device=self.device)
+        mine = slice(self.world.rank, None, self.world.size)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size][mine]
             yield self.train[view[idx], idx], self.targets[idx]
 
     @torch.no_grad()

@@ -1,0 +1,344 @@
+"""Several processes (torchrun, DDP over gloo on the CPU): the sharding and the loss scaling
+exactly, in this process; then whole CLI runs of 2 processes against 1, a killed rank, a resume
+at another world size, two "nodes" on loopback and the launch errors."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.data.augment import AugmentConfig
+from cifarlab.data.dataset import ImageSet
+from cifarlab.data.loader import BatchLoader
+from cifarlab.rundir import RunDir
+from cifarlab.training.step import train_step
+
+from .conftest import make_folder
+
+PRE = {"input_size": 8, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+CLI = [sys.executable, "-m", "cifarlab"]
+
+
+def image_set(n: int, size: int = 8) -> ImageSet:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return ImageSet(images, rng.integers(0, 3, n), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_takes_its_rows_of_the_same_augmented_global_batch(world):
+    """Whatever the world size, the processes' rows joined are the 1-process batch, bit for
+    bit: the same order and the same augmentation (mixup pairs included), no image twice."""
+    data = image_set(41)
+    aug = AugmentConfig(flip="alternate", translate=2, cutout=3, mixup=0.4)
+    kw = dict(aug=aug, shuffle=True, drop_last=True, seed=3)
+    one = list(BatchLoader(data, 12, torch.device("cpu"), PRE, **kw).epoch(5, index=1))
+    parts = [
+        list(
+            BatchLoader(data, 12, torch.device("cpu"), PRE, rank=r, world_size=world, **kw).epoch(
+                5, 1
+            )
+        )
+        for r in range(world)
+    ]
+    assert [len(p) for p in parts] == [len(one)] * world == [3] * world  # the same steps
+    for i, (x, y) in enumerate(one):
+        joined_x, joined_y = torch.empty_like(x), torch.empty_like(y)
+        for r in range(world):
+            joined_x[r::world], joined_y[r::world] = parts[r][i]
+        assert torch.equal(joined_x, x) and torch.equal(joined_y, y)
+
+
+def test_scaled_shares_average_to_the_global_batch_gradient():
+    """A batch of 7 on 2 processes (4 + 3 rows): each process's loss scaled by world x share,
+    then averaged as DDP does, gives the 1-process gradient of the batch's mean loss."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    x, y = torch.randn(7, 3, 8, 8), torch.randint(0, 3, (7,))
+
+    def grads(xs, ys, scale):
+        train_step(net, torch.optim.SGD(net.parameters(), lr=0.0), xs, ys, False, scale=scale)
+        return [p.grad.clone() for p in net.parameters()]
+
+    shares = [
+        BatchLoader(image_set(7), 7, torch.device("cpu"), PRE, rank=r, world_size=2).share(0)
+        for r in (0, 1)
+    ]
+    assert shares == [4 / 7, 3 / 7]
+    per_process = [grads(x[r::2], y[r::2], 2 * shares[r]) for r in (0, 1)]
+    averaged = [(a + b) / 2 for a, b in zip(*per_process, strict=True)]
+    for got, want in zip(averaged, grads(x, y, 1.0), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+# -- whole runs ---------------------------------------------------------------------------------
+def recipe(tmp_path: Path, epochs: int = 3, batchnorm: bool = False, name: str = "ddp") -> Path:
+    """No BatchNorm and no dropout: then a run's result does not depend on how its batches are
+    split between processes, only on float summation order."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nprecision: fp32\nmemory_format: contiguous\n"
+        f"model: {{name: seed_cnn, widths: [8, 16], convs_per_block: 1, dense: 16, dropout: 0.0,"
+        f" batchnorm: {str(batchnorm).lower()}}}\n"
+        "data: {val_fraction: 0.25}\n"
+        "augment: {flip: true, translate: 2}\n"
+        f"train: {{epochs: {epochs}, batch_size: 9, optimizer: sgd, lr: 0.05, momentum: 0.9}}\n"
+    )
+    return path
+
+
+def train(*args, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, "train", "--no-progress", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def mlflow_runs(uri: str) -> list:
+    import mlflow
+
+    return mlflow.MlflowClient(uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()]
+    )
+
+
+def test_two_processes_make_one_run_equal_to_one_process(tmp_path, tiny_folder):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = recipe(tmp_path)
+    common = ["--recipe", r, "--data", tiny_folder, "--tracking-uri", uri]
+    one = train(*common, "--out", tmp_path / "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = train(*common, "--nproc-per-node", 2, cwd=tmp_path)  # its name from rank 0's clock
+    assert two.returncode == 0, two.stderr
+    made = [p for p in (tmp_path / "runs").iterdir()]
+    assert len(made) == 1 and (made[0] / "metrics.json").is_file()  # one run directory
+    assert two.stdout.count("run: ") == 1 and two.stderr.count("device: ") == 1  # rank 0 speaks
+    assert len(mlflow_runs(uri)) == 2  # one MLflow run per command, not per process
+    a, b = RunDir(tmp_path / "one").read_history(), RunDir(made[0]).read_history()
+    assert len(a) == len(b) == 3
+    # same images, same augmentation, same steps: only the order of float sums differs (the
+    # all-reduce adds two halves of each gradient), ~1e-7 relative per step
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose([h[key] for h in b], [h[key] for h in a], rtol=1e-4, err_msg=key)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", made[0]))
+    assert mb["val"]["accuracy"] == ma["val"]["accuracy"]
+    assert mb["val"]["loss"] == pytest.approx(ma["val"]["loss"], rel=1e-4)
+
+
+def worker_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers that `cifarlab train --nproc-per-node` started (its
+    children: the launcher runs torchrun's agent in its own process)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+            env = dict(
+                e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and b"RANK" in env:
+            found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def kill_rank_1_after(out: Path, epochs_done: int, proc: subprocess.Popen) -> float:
+    """Once `out` holds `epochs_done` finished epochs, kill -9 rank 1; return when."""
+    deadline = time.time() + 180
+    run = RunDir(out)
+    while not (run.last.is_file() and run.finished_epochs() >= epochs_done):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
+        time.sleep(0.2)
+    pids = worker_pids(proc.pid)
+    os.kill(pids[1], signal.SIGKILL)
+    return time.time()
+
+
+def test_a_killed_rank_stops_the_run_and_it_resumes_at_any_world_size(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=60)
+    r = recipe(tmp_path, epochs=25, batchnorm=True)
+    out = tmp_path / "run"
+    cmd = [*CLI, "train", "--no-progress", "--no-track", "--nproc-per-node", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--recipe", str(r), "--data", str(data), "--out", str(out)],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed = kill_rank_1_after(out, 2, proc)
+    err = proc.communicate(timeout=90)[1]
+    assert time.time() - killed < 60  # rank 0 did not hang
+    assert proc.returncode == 1, err
+    assert "training process rank 1 was killed by SIGKILL" in err
+    assert f"continues with `cifarlab train --resume {out} --nproc-per-node 2`" in err
+    assert err.count("Traceback") == 0, err
+    done = RunDir(out).finished_epochs()
+    assert done >= 2 and torch.load(RunDir(out).last, weights_only=True)["state"]  # intact
+
+    # the same world size again, killed again; then one process finishes the run
+    proc = subprocess.Popen(
+        [*cmd, "--resume", str(out)], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    kill_rank_1_after(out, done + 1, proc)
+    err = proc.communicate(timeout=90)[1]
+    assert proc.returncode == 1, err
+    finish = train("--no-track", "--resume", out, cwd=tmp_path)
+    assert finish.returncode == 0, finish.stderr
+    history = RunDir(out).read_history()
+    assert [h["epoch"] for h in history] == list(range(1, 26))  # each epoch once, in order
+    assert (out / "metrics.json").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(rank: int, port: int, r: Path, data: Path, out: Path) -> subprocess.Popen:
+    """One "machine" of two: a plain torchrun launcher with one process, meeting at 127.0.0.1."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+        "--rdzv-conf", f"is_host={str(rank == 0).lower()}",
+        "-m", "cifarlab", "train", "--no-progress", "--no-track",
+        "--recipe", str(r), "--data", str(data), "--out", str(out),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_two_nodes_on_loopback_with_plain_torchrun(tmp_path, tiny_folder):
+    """Two torchrun launchers, one process each, meeting at 127.0.0.1 as two machines would."""
+    port, r = free_port(), recipe(tmp_path, epochs=2)
+    nodes = [node(rank, port, r, tiny_folder, tmp_path / "run") for rank in (0, 1)]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    history = RunDir(tmp_path / "run").read_history()
+    assert len(history) == 2 and (tmp_path / "run" / "metrics.json").is_file()
+    assert sum("run: " in out for out, _ in outs) == 1  # the global rank 0 alone reports
+
+
+def test_a_lost_machine_stops_the_other_with_one_line(tmp_path):
+    """Two "machines": the second one's process is killed; the first one's process finds its
+    peer gone at its next collective and stops with one line, its last.pt intact."""
+    data = make_folder(tmp_path / "data", per_class=60)
+    port, r, out = free_port(), recipe(tmp_path, epochs=40, batchnorm=True), tmp_path / "run"
+    nodes = [node(rank, port, r, data, out) for rank in (0, 1)]
+    run = RunDir(out)
+    deadline = time.time() + 180
+    while not (run.last.is_file() and run.finished_epochs() >= 2):
+        assert nodes[0].poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    (worker,) = worker_pids(nodes[1].pid).values()
+    os.kill(worker, signal.SIGKILL)
+    killed = time.time()
+    err = nodes[0].communicate(timeout=90)[1]
+    nodes[1].communicate(timeout=90)
+    assert time.time() - killed < 60 and nodes[0].returncode != 0
+    assert "rank 0: another process of this run stopped" in err, err
+    assert f"continue with `cifarlab train --resume {out}`" in err
+    assert run.finished_epochs() >= 2  # last.pt loads
+
+
+def test_launch_errors_are_one_line_and_exit_2(tmp_path, tiny_folder):
+    base = ["--no-track", "--recipe", recipe(tmp_path), "--data", tiny_folder]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cases = {
+            "in use by another program": [
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--node-rank",
+                "0",
+            ],
+            "does not resolve": [
+                "--rdzv-endpoint",
+                "no-such-host.invalid:29400",
+                "--node-rank",
+                "1",
+            ],
+            "needs --node-rank": ["--rdzv-endpoint", f"127.0.0.1:{port}"],
+        }
+        for expected, flags in cases.items():
+            r = train(*base, "--nnodes", 2, "--nproc-per-node", 1, *flags, cwd=tmp_path, timeout=60)
+            assert r.returncode == 2, (expected, r.stderr)
+            assert expected in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_sync_bn_on_the_cpu_is_refused(tmp_path, tiny_folder):
+    r = train("--no-track", "--recipe", recipe(tmp_path), "--data", tiny_folder, "--sync-bn",
+              "--nproc-per-node", 2, "--out", tmp_path / "run", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2
+    assert "--sync-bn (sync_bn: true) needs CUDA" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_budget_lookahead_ema_and_tta_under_two_processes(tmp_path, tiny_folder, tiny_fast_recipe):
+    """The budget is planned once (rank 0) and followed by both; lookahead, EMA and TTA level
+    2 run as in one process; one run directory records it."""
+    out = tmp_path / "run"
+    r = train(
+        "--no-track", "--recipe", tiny_fast_recipe, "--data", tiny_folder, "--set", "train.ema=0.9",
+        "--budget", "20s", "--nproc-per-node", 2, "--out", out, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("budget: first training step") == 1  # planned once
+    planned = RunDir(out).recipe()["train"]["epochs"]
+    history = RunDir(out).read_history()
+    assert len(history) == math.ceil(history[-1]["planned_epochs"]) and planned > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] > 0.5  # colours separate the classes
+    assert len(np.load(out / "val_probs.npy")) == 15  # every validation image, gathered
+
+
+def test_feature_cache_and_two_phases_under_two_processes(tmp_path, tiny_folder):
+    """A frozen-backbone phase on cached features (each process extracts its share), then
+    fine-tuning: both phases train, checkpoint and score under DDP."""
+    path = tmp_path / "cached.yaml"
+    path.write_text(
+        "name: cached\n"
+        "model: {name: timm, arch: resnet18, pretrained_source: none, input_size: 32, head: [16]}\n"
+        "data: {val_fraction: 0.25}\naugment: {flip: true}\n"
+        "train: {epochs: 2, batch_size: 8, lr: 0.01, freeze: head, feature_views: 2, eval_tta: 1}\n"
+        "phases:\n  - {name: head, epochs: 2}\n  - {name: tune, freeze: last-1, epochs: 1, lr: 0.001}\n"
+    )
+    out = tmp_path / "run"
+    r = train("--no-track", "--recipe", path, "--data", tiny_folder, "--nproc-per-node", 2,
+              "--out", out, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("feature cache: 2 view(s) of 45 train + 15 val images") == 1
+    assert [h["phase"] for h in RunDir(out).read_history()] == ["head", "head", "tune"]
+    assert (out / "phase1.pt").is_file() and (out / "phase2.pt").is_file()
+    assert json.loads((out / "metrics.json").read_text())["val"]["accuracy"] > 0.6
+
+
+def test_a_tune_study_trains_each_trial_in_two_processes(tmp_path, tiny_folder):
+    """Trials one after another, each distributed: rank 0 owns the study and MLflow."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {type: float, low: 0.01, high: 0.1, log: true}\n")
+    r = subprocess.run(
+        [*CLI, "tune", "--recipe", str(recipe(tmp_path, epochs=2)), "--data", str(tiny_folder),
+         "--trials", "2", "--space", str(space), "--storage", f"sqlite:///{tmp_path}/tune.db",
+         "--out", str(tmp_path / "study"), "--tracking-uri", uri, "--no-progress",
+         "--nproc-per-node", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("best: trial") == 1  # rank 0 alone reports
+    rows = (tmp_path / "study" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",COMPLETE," in row for row in rows[1:])
+    for n in (0, 1):
+        assert len(RunDir(tmp_path / "study" / f"trial-{n}").read_history()) == 2
+    assert len(mlflow_runs(uri)) == 3  # the study's parent run and one child per trial
