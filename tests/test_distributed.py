@@ -80,6 +80,23 @@ def test_scaled_shares_average_to_the_global_batch_gradient():
         torch.testing.assert_close(got, want)
 
 
+def test_micro_batches_give_the_whole_batch_gradient():
+    """`accumulate: 3` (7 rows as 3 + 2 + 2): the same gradient and loss as one pass."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    x, y = torch.randn(7, 3, 8, 8), torch.randint(0, 3, (7,))
+    results = []
+    for accumulate in (1, 3):
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        loss, logits = train_step(net, opt, x, y, False, accumulate=accumulate)
+        results.append((loss, logits, [p.grad.clone() for p in net.parameters()]))
+    (loss1, logits1, grads1), (loss3, logits3, grads3) = results
+    torch.testing.assert_close(loss3, loss1)
+    torch.testing.assert_close(logits3, logits1)
+    for a, b in zip(grads3, grads1, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # -- whole runs ---------------------------------------------------------------------------------
 def recipe(tmp_path: Path, epochs: int = 3, batchnorm: bool = False, name: str = "ddp") -> Path:
     """No BatchNorm and no dropout: then a run's result does not depend on how its batches are
@@ -132,6 +149,13 @@ def test_two_processes_make_one_run_equal_to_one_process(tmp_path, tiny_folder):
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", made[0]))
     assert mb["val"]["accuracy"] == ma["val"]["accuracy"]
     assert mb["val"]["loss"] == pytest.approx(ma["val"]["loss"], rel=1e-4)
+    # each process's rows as 2 micro-batches (DDP syncs the gradients once, at the last)
+    acc = train(*common, "--nproc-per-node", 2, "--set", "train.accumulate=2", "--out",
+                tmp_path / "acc", cwd=tmp_path)  # fmt: skip
+    assert acc.returncode == 0, acc.stderr
+    c = RunDir(tmp_path / "acc").read_history()
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose([h[key] for h in c], [h[key] for h in a], rtol=1e-4, err_msg=key)
 
 
 def worker_pids(launcher: int) -> dict[int, int]:
@@ -342,3 +366,25 @@ def test_a_tune_study_trains_each_trial_in_two_processes(tmp_path, tiny_folder):
     for n in (0, 1):
         assert len(RunDir(tmp_path / "study" / f"trial-{n}").read_history()) == 2
     assert len(mlflow_runs(uri)) == 3  # the study's parent run and one child per trial
+
+
+def test_ctrl_c_stops_every_process_with_rank_0s_line(tmp_path):
+    """Ctrl-C reaches the launcher and its processes (one process group, as in a terminal);
+    torchrun's agent then sends SIGTERM, which stops a step as Ctrl-C does."""
+    data = make_folder(tmp_path / "data", per_class=60)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, "train", "--no-progress", "--no-track", "--nproc-per-node", "2", "--recipe",
+         str(recipe(tmp_path, epochs=300)), "--data", str(data), "--out", str(out)],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    run, deadline = RunDir(out), time.time() + 180
+    while not (run.last.is_file() and run.finished_epochs() >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if not line.startswith(("train ", "run: "))]
+    assert lines[-1].startswith(f"cifarlab: interrupted; {run.last} holds"), err
+    assert "Traceback" not in err and "death signal" not in err

@@ -60,7 +60,7 @@ def overrides_from(args) -> dict:
     return out
 
 
-def launched(args, run_dir: str | None) -> bool:
+def launched(args, resume: str) -> bool:
     """With --nproc-per-node/--nnodes (and not yet under torchrun): run this same command as
     torchrun's processes (training/launch.py) and say so; the exit code is theirs."""
     from cifarlab.training import launch
@@ -69,7 +69,7 @@ def launched(args, run_dir: str | None) -> bool:
         return False
     code = launch.launch(
         args.argv, args.nproc_per_node or 1, args.nnodes or 1, args.node_rank,
-        args.rdzv_endpoint, run_dir,
+        args.rdzv_endpoint, resume,
     )  # fmt: skip
     if code:
         raise SystemExit(code)
@@ -77,7 +77,12 @@ def launched(args, run_dir: str | None) -> bool:
 
 
 def cmd_train(args) -> None:
-    if launched(args, args.out or args.resume):
+    n = args.nproc_per_node or 1
+    if launched(
+        args,
+        "A run that finished an epoch continues with "
+        f"`cifarlab train --resume {args.out or args.resume or 'RUN_DIR'} --nproc-per-node {n}`",
+    ):
         return
     from cifarlab import api
 
@@ -90,6 +95,8 @@ def cmd_train(args) -> None:
     overrides = overrides_from(args)
     if args.pretrained_source is not None or args.weights is not None:
         overrides.update(pretrained_overrides(args))
+    if args.teacher is not None:
+        overrides["distill.teacher"] = api.absolute(args.teacher)
     result = api.train(
         args.recipe,
         args.data,
@@ -185,7 +192,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    if launched(args, None):
+    if launched(args, "The same `cifarlab tune` command continues the study"):
         return
     from cifarlab.tune import tune
 
@@ -534,6 +541,9 @@ def add_train(sub) -> None:
     add_tracking_flags(t)
     add_register_flags(t)
     t.add_argument("--register", metavar="NAME", help="register the model as a version of NAME")
+    t.add_argument(
+        "--teacher", metavar="RUN_DIR", help="distil from this trained model (recipe: distill)"
+    )
     add_distributed_flags(t)
     t.set_defaults(func=cmd_train)
 

@@ -169,6 +169,7 @@ class Phase:
     ema: float
     lookahead: float
     eval_tta: int
+    accumulate: int
 
     @classmethod
     def from_dict(cls, d: dict) -> Phase:

@@ -104,6 +104,7 @@ TRAIN = {
     "ema": number(0, 1, hi_open=True),
     "lookahead": number(0, 1, hi_open=True),
     "eval_tta": either(integer(0, 2), BOOL),  # true = 1
+    "accumulate": integer(1),
 }
 
 RULES: dict[str, Rule] = {
@@ -134,6 +135,9 @@ RULES: dict[str, Rule] = {
     "augment.cutmix": number(0),
     "augment.mix_prob": number(0, 1),
     **{f"train.{k}": rule for k, rule in TRAIN.items()},
+    "distill.teacher": optional(TEXT),
+    "distill.temperature": number(0, lo_open=True),
+    "distill.weight": number(0, 1),
     "budget.sizes": SIZES,
     "budget.accuracy": ACCURACY,
     "budget.min_epochs": number(0),

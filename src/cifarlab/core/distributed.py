@@ -11,6 +11,7 @@ Objects cross between processes as JSON in a byte tensor, never as pickles.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def init(device: torch.device) -> World:
             f"rank {w.rank} could not join the other processes at {where} ({first}); "
             "check the rendezvous address and port"
         ) from None
+    atexit.register(close, together=False)  # whatever ends the process (see `close`)
     return w
 
 
@@ -154,11 +156,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def close() -> None:
-    """Leave the process group together (rank 0 may still be writing the report): a process
-    that tears down its connections while a peer still uses them can abort (seen with gloo)."""
+def close(together: bool = True) -> None:
+    """Leave the process group: `together` at the end of a run (rank 0 may still be writing
+    the report), alone on an error. A process must not exit with the group still open: gloo's
+    threads then abort the process at exit ("terminate called without an active exception",
+    seen on a loaded machine), and torchrun reports a crash instead of the error."""
     if dist.is_initialized():
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -48,6 +48,7 @@ from cifarlab.track.tracker import NullTracker
 from cifarlab.training import budget
 from cifarlab.training.callbacks.checkpoints import Checkpoints
 from cifarlab.training.callbacks.console import Console, estimate_epoch_seconds
+from cifarlab.training.callbacks.distill import Distill
 from cifarlab.training.callbacks.early_stopping import EarlyStopping
 from cifarlab.training.callbacks.ema import EMA
 from cifarlab.training.callbacks.feature_cache import CachedFeatures
@@ -132,6 +133,9 @@ def run_callbacks(setup: Setup, tracker, started: float) -> list[Callback]:
     Under torchrun the recorders (files, MLflow, console) run on rank 0 only."""
     plan = setup.plan
     callbacks: list[Callback] = [CachedFeatures(), EMA(), LookaheadAveraging(), EarlyStopping()]
+    distill = setup.recipe["distill"]
+    if distill["teacher"]:  # after the feature cache: it distils image batches only
+        callbacks.append(Distill(distill["teacher"], distill["temperature"], distill["weight"]))
     if plan is not None:  # rank 0's: the others follow its plan (Trainer._agree)
         callbacks.append(Replan(plan, started))
     if not distributed.world().main:
@@ -174,6 +178,8 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
             "--sync-bn (sync_bn: true) needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
             "on the CPU each process normalises over its own rows of the batch"
         )
+    if recipe["distill"]["teacher"]:
+        load_model(recipe["distill"]["teacher"])  # a bad teacher fails before the data is read
     torch.manual_seed(recipe["seed"])
     train_set, val_set, test_set = split_data(recipe)  # bad data fails before anything is written
     loaded = time.perf_counter()
@@ -282,6 +288,8 @@ def finish(t: Trainer, test_set: ImageSet | None) -> dict:
         "best": info["metrics"],
         "phases": phase_summaries(history),
     }
+    if recipe["distill"]["teacher"]:
+        result["teacher"] = recipe["distill"]["teacher"]
     for name, data in (("val", t.val_set), ("test", test_set)):
         if data is not None and len(data):
             desc = f"scoring {name}" + (f" (TTA {tta})" if tta else "")

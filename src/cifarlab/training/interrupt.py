@@ -1,4 +1,6 @@
-"""Ctrl-C during training: held until the current step is done, never inside one."""
+"""Ctrl-C (and SIGTERM) during training: held until the current step is done, never inside
+one. SIGTERM is what `kill`, a scheduler's preemption and torchrun's agent (stopping its
+processes after Ctrl-C or a failed peer) send: it stops the run the same way, with its line."""
 
 from __future__ import annotations
 
@@ -37,11 +39,12 @@ class CtrlC:
         if threading.current_thread() is not threading.main_thread():
             yield  # signals reach the main thread only
             return
-        previous = signal.signal(signal.SIGINT, self.handler)
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 CTRL_C = CtrlC()

@@ -87,10 +87,10 @@ def launch(
     nnodes: int = 1,
     node_rank: int | None = None,
     endpoint: str | None = None,
-    run_dir: str | None = None,
+    resume: str = "",
 ) -> int:
     """Run `cifarlab <argv>` as nproc processes here (x nnodes machines); the exit code.
-    `run_dir` (when known) names the run in the message of a failed process."""
+    `resume` says how to continue after a failed process."""
     if nproc < 1 or nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be 1 or more")
     # each process gets its share of this machine's cores (torchrun's default would be 1)
@@ -100,12 +100,15 @@ def launch(
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    # torchrun's agent logs each failure at length; the launcher says it in one line instead
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torchrun's agent logs each failure at length (each of its loggers has its own level);
+    # the launcher says it in one line instead
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(torchrun_args(argv, nproc, nnodes, node_rank, endpoint)))
     except ChildFailedError as e:
-        return failed(e, nproc, run_dir or "RUN_DIR")
+        return failed(e, resume)
     except (SignalException, KeyboardInterrupt):  # Ctrl-C: rank 0 has said what was kept
         return 130
     except RendezvousError as e:
@@ -117,7 +120,7 @@ def launch(
     return 0
 
 
-def failed(error, nproc: int, run_dir: str) -> int:
+def failed(error, resume: str) -> int:
     """One line for the process that failed first; exit code 2 where a process stopped on a
     user error (rank 0 has said which; the others then lost it, or stopped on the same one)."""
     if any(f.exitcode == 2 for f in error.failures.values()):
@@ -129,9 +132,8 @@ def failed(error, nproc: int, run_dir: str) -> int:
         else f"exited with code {first.exitcode}"
     )
     print(
-        f"cifarlab: error: training process rank {rank} {how}; the others were stopped. A run "
-        f"that finished an epoch continues with `cifarlab train --resume {run_dir} "
-        f"--nproc-per-node {nproc}`",
+        f"cifarlab: error: training process rank {rank} {how}; the others were stopped"
+        + (f". {resume}" if resume else ""),
         file=sys.stderr,
         flush=True,
     )

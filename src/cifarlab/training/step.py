@@ -5,6 +5,7 @@ benchmarks all call it, so what is timed is what trains."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -31,18 +32,39 @@ def train_step(
     bf16: bool,
     loss_fn: LossFn = cross_entropy,
     scale: float = 1.0,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of `opt`'s parameters on batch (x, y); the loss is computed in fp32.
     `scale` multiplies the loss that is differentiated (not the one returned): under DDP it is
     world size x this process's share of the global batch, so that DDP's average of the
     processes' gradients is the gradient of the global batch's mean loss even where the batch
-    does not divide evenly. Returns (loss, logits), both still on the device (no host sync)."""
+    does not divide evenly. `accumulate` > 1 runs the batch as that many micro-batches (for a
+    batch that does not fit in memory): their gradients add up to the batch's (DDP averages
+    them across processes once, at the last). Returns (loss, logits) of the whole batch, still
+    on the device (no host sync)."""
+    opt.zero_grad(set_to_none=True)
+    if accumulate == 1:
+        loss, logits = _forward_backward(net, x, y, bf16, loss_fn, scale)
+    else:
+        parts = []
+        chunks = list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate), strict=True))
+        for i, (xc, yc) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            no_sync = getattr(net, "no_sync", None)  # DistributedDataParallel
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                part = _forward_backward(net, xc, yc, bf16, loss_fn, scale * len(xc) / len(x))
+            parts.append(part)
+        loss = sum(p[0].detach() * len(c[0]) for p, c in zip(parts, chunks, strict=True)) / len(x)
+        logits = torch.cat([p[1] for p in parts])
+    opt.step()
+    return loss, logits
+
+
+def _forward_backward(net, x, y, bf16: bool, loss_fn: LossFn, scale: float):
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x)
     loss = loss_fn(logits.float(), y, x)
-    opt.zero_grad(set_to_none=True)
     (loss * scale if scale != 1.0 else loss).backward()
-    opt.step()
     return loss, logits
 
 

@@ -179,7 +179,9 @@ class Trainer:
                 break
             scale = self.world.size * self.batches.share(i) if self.world.active else 1.0
             with CTRL_C.deferred():  # Ctrl-C lands between steps, never inside one
-                loss, logits = train_step(self.net, self.opt, x, y, self.bf16, self.loss_fn, scale)
+                loss, logits = train_step(
+                    self.net, self.opt, x, y, self.bf16, self.loss_fn, scale, self.phase.accumulate
+                )
             self.sched.step()
             self.step += 1
             self.emit("step_end")

@@ -1,0 +1,106 @@
+"""Knowledge distillation: the loss, the teacher seeing the student's own augmented batch in its
+own preprocessing, and `cifarlab train --teacher` end to end."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cifarlab
+from cifarlab.cli import main
+from cifarlab.rundir import RunDir
+from cifarlab.training.callbacks.distill import Distill
+from cifarlab.training.step import cross_entropy
+
+
+class Teacher(torch.nn.Module):
+    """Records what it was shown; answers fixed logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.seen = logits, None
+
+    def forward(self, x):
+        self.seen = x
+        return self.logits
+
+
+def distill(teacher, weight, temperature=2.0, pre=None):
+    d = Distill("teacher", temperature, weight)
+    d.teacher, d.bf16, d.channels_last = teacher, False, False
+    d.pre = pre or {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+    d.tmean, d.tstd = (torch.tensor(d.pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    d.smean, d.sstd = torch.full((1, 3, 1, 1), 0.4), torch.full((1, 3, 1, 1), 0.2)
+    return d
+
+
+def test_the_loss_mixes_labels_and_the_softened_teacher():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    x = torch.randn(4, 3, 8, 8)
+    teacher = torch.randn(4, 3)
+    labels = cross_entropy(logits, targets, x)
+    assert distill(Teacher(teacher), 0.0).loss(cross_entropy, logits, targets, x) == labels
+    t = 2.0
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
+    got = distill(Teacher(teacher), 0.3, t).loss(cross_entropy, logits, targets, x)
+    torch.testing.assert_close(got, 0.7 * labels + 0.3 * t * t * kl)
+    # a student that already agrees with its teacher learns nothing more from it
+    same = distill(Teacher(logits), 1.0).loss(cross_entropy, logits, targets, x)
+    assert abs(float(same)) < 1e-6
+
+
+def test_the_teacher_sees_the_students_batch_in_its_own_preprocessing():
+    """The student's normalised batch goes back to [0, 1], then to the teacher's size and
+    normalisation."""
+    images = torch.rand(2, 3, 8, 8)
+    student_x = (images - 0.4) / 0.2
+    teacher = Teacher(torch.zeros(2, 3))
+    pre = {"input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "nearest"}
+    distill(teacher, 0.5, pre=pre).teacher_logits(student_x)
+    want = (F.interpolate(images, size=(16, 16), mode="nearest") - 0.5) / 0.25
+    torch.testing.assert_close(teacher.seen, want)
+
+
+def test_train_with_a_teacher_records_it_and_changes_what_is_learned(
+    tiny_folder, tiny_recipe, tmp_path
+):
+    teacher = tmp_path / "teacher"
+    cifarlab.train(tiny_recipe, tiny_folder, teacher, progress=False)
+    args = ["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder), "--no-progress",
+            "--no-track"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "student"), "--teacher", str(teacher)]) == 0
+    student = RunDir(tmp_path / "student")
+    assert student.recipe()["distill"]["teacher"] == str(teacher)  # resume keeps it
+    assert json.loads(student.metrics.read_text())["teacher"] == str(teacher)
+    plain = RunDir(tmp_path / "plain").read_history()
+    assert [h["train_loss"] for h in student.read_history()] != [h["train_loss"] for h in plain]
+
+
+def test_a_teacher_of_other_classes_is_a_one_line_error(tiny_folder, tiny_recipe, tmp_path, capsys):
+    from .conftest import make_folder
+
+    other = make_folder(tmp_path / "other")
+    (other / "ship").rename(other / "truck")
+    teacher = tmp_path / "teacher"
+    cifarlab.train(tiny_recipe, other, teacher, progress=False)
+    code = main(["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder), "--no-track",
+                 "--no-progress", "--teacher", str(teacher), "--out", str(tmp_path / "s")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "knows the classes cat, dog, truck" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_teacher_that_is_not_a_model_is_a_one_line_error(
+    where, tiny_folder, tiny_recipe, tmp_path, capsys
+):
+    path = tmp_path / where
+    if where == "empty":
+        path.mkdir()
+    code = main(["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder), "--no-track",
+                 "--no-progress", "--teacher", str(path), "--out", str(tmp_path / "s")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
