@@ -2,6 +2,7 @@
 own preprocessing, and `cifarlab train --teacher` end to end."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 import cifarlab
 from cifarlab.cli import main
 from cifarlab.rundir import RunDir
-from cifarlab.training.callbacks.distill import Distill
+from cifarlab.training.callbacks.distill import Distill, Teacher
 from cifarlab.training.step import cross_entropy
 
 
-class Teacher(torch.nn.Module):
-    """Records what it was shown; answers fixed logits."""
+class FixedLogits(torch.nn.Module):
+    """A teacher network that records what it was shown and answers fixed logits."""
 
     def __init__(self, logits):
         super().__init__()
@@ -26,13 +27,18 @@ class Teacher(torch.nn.Module):
         return self.logits
 
 
-def distill(teacher, weight, temperature=2.0, pre=None):
-    d = Distill("teacher", temperature, weight)
-    d.teacher, d.bf16, d.channels_last = teacher, False, False
-    d.pre = pre or {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
-    d.tmean, d.tstd = (torch.tensor(d.pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    d.smean, d.sstd = torch.full((1, 3, 1, 1), 0.4), torch.full((1, 3, 1, 1), 0.2)
-    return d
+def teacher_of(model, pre=None) -> Teacher:
+    """A Teacher around `model` (trained at `pre`) for a student normalised with 0.4 / 0.2."""
+    t = Teacher.__new__(Teacher)
+    t.model, t.bf16, t.channels_last = model, False, False
+    t.pre = pre or {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
+    t.tmean, t.tstd = (torch.tensor(t.pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    t.smean, t.sstd = torch.full((1, 3, 1, 1), 0.4), torch.full((1, 3, 1, 1), 0.2)
+    return t
+
+
+def distill(model, weight, temperature=2.0):
+    return Distill(teacher_of(model), temperature, weight)
 
 
 def test_the_loss_mixes_labels_and_the_softened_teacher():
@@ -41,13 +47,13 @@ def test_the_loss_mixes_labels_and_the_softened_teacher():
     x = torch.randn(4, 3, 8, 8)
     teacher = torch.randn(4, 3)
     labels = cross_entropy(logits, targets, x)
-    assert distill(Teacher(teacher), 0.0).loss(cross_entropy, logits, targets, x) == labels
+    assert distill(FixedLogits(teacher), 0.0).loss(cross_entropy, logits, targets, x) == labels
     t = 2.0
     kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
-    got = distill(Teacher(teacher), 0.3, t).loss(cross_entropy, logits, targets, x)
+    got = distill(FixedLogits(teacher), 0.3, t).loss(cross_entropy, logits, targets, x)
     torch.testing.assert_close(got, 0.7 * labels + 0.3 * t * t * kl)
     # a student that already agrees with its teacher learns nothing more from it
-    same = distill(Teacher(logits), 1.0).loss(cross_entropy, logits, targets, x)
+    same = distill(FixedLogits(logits), 1.0).loss(cross_entropy, logits, targets, x)
     assert abs(float(same)) < 1e-6
 
 
@@ -56,9 +62,9 @@ def test_the_teacher_sees_the_students_batch_in_its_own_preprocessing():
     normalisation."""
     images = torch.rand(2, 3, 8, 8)
     student_x = (images - 0.4) / 0.2
-    teacher = Teacher(torch.zeros(2, 3))
+    teacher = FixedLogits(torch.zeros(2, 3))
     pre = {"input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "nearest"}
-    distill(teacher, 0.5, pre=pre).teacher_logits(student_x)
+    teacher_of(teacher, pre).logits(student_x)
     want = (F.interpolate(images, size=(16, 16), mode="nearest") - 0.5) / 0.25
     torch.testing.assert_close(teacher.seen, want)
 
@@ -104,3 +110,22 @@ def test_a_teacher_that_is_not_a_model_is_a_one_line_error(
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_the_budget_counts_the_teachers_time(
+    tiny_folder, tiny_recipe, tmp_path, monkeypatch, capsys
+):
+    """A teacher that costs 5 ms an image (45 images an epoch): the first plan fits far fewer
+    epochs in 8 s (the re-plans then follow the measured epochs)."""
+    teacher = tmp_path / "teacher"
+    cifarlab.train(tiny_recipe, tiny_folder, teacher, progress=False)
+    planned = []
+    for name, extra in (("plain", {}), ("taught", {"distill.teacher": str(teacher)})):
+        capsys.readouterr()
+        cifarlab.train(
+            tiny_recipe, tiny_folder, tmp_path / name, progress=False, budget="8s", overrides=extra
+        )
+        line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("budget 8s"))
+        planned.append(float(re.search(r"training ([\d.]+) epochs", line).group(1)))
+        monkeypatch.setattr(Teacher, "seconds_per_image", lambda self, x: 0.005)
+    assert planned[1] < planned[0] / 3, planned

@@ -18,10 +18,12 @@ import torch
 
 from cifarlab import config
 from cifarlab.config import Phase, schema
+from cifarlab.core import distributed
 from cifarlab.core.errors import UserError
 from cifarlab.core.runtime import probe_batch
 from cifarlab.eval.predict import tta_views
 from cifarlab.models.protocol import Freezable
+from cifarlab.training.callbacks import feature_cache
 from cifarlab.training.step import train_step
 
 MARGIN = 0.03  # fraction of the budget kept in reserve for noise
@@ -227,6 +229,7 @@ def plan(
     log,
     build=None,
     overhead_s: float = 0.0,
+    per_image_s: float = 0.0,
 ) -> Plan:
     """Plan the recipe's epochs (train.epochs and each phase's) to fill the budget, and, when
     the recipe lists `budget.sizes` (settings, as --set keys; `{}` is the recipe as written),
@@ -239,7 +242,8 @@ def plan(
     the run has spent its overhead allowance (`overhead_s` already went on other start-up).
     `loader_for(phase, batch=None)` gives a phase's training loader, `build(cfg)` a model (on the
     device, in the run's memory format) from a model config, `elapsed_s()` the seconds spent so
-    far."""
+    far; `per_image_s` is what each training image costs on top of the step (a distillation
+    teacher's forward pass; not in phases that train on cached features)."""
     started = time.perf_counter()
     deadline = started + overhead_allowance(budget_s) - overhead_s  # the first size is always timed
     final = 5.0  # plots, checkpoints, report
@@ -255,6 +259,8 @@ def plan(
             batch = phase.batch_size
             small = probe_batch(val_loader.input_size, batch)
             step = time_steps(candidate, loader_for(phase, small), phase, bf16) * batch / small
+            if not feature_cache.applies(candidate, phase):
+                step += per_image_s * batch / distributed.world().size  # this process's rows
             seconds.append(step * len(loader_for(phase)) + t_eval * evals)
         return seconds, final + t_eval * len(val_loader) * _views(tta)
 

@@ -48,7 +48,7 @@ from cifarlab.track.tracker import NullTracker
 from cifarlab.training import budget
 from cifarlab.training.callbacks.checkpoints import Checkpoints
 from cifarlab.training.callbacks.console import Console, estimate_epoch_seconds
-from cifarlab.training.callbacks.distill import Distill
+from cifarlab.training.callbacks.distill import Distill, Teacher
 from cifarlab.training.callbacks.early_stopping import EarlyStopping
 from cifarlab.training.callbacks.ema import EMA
 from cifarlab.training.callbacks.feature_cache import CachedFeatures
@@ -125,6 +125,7 @@ class Setup:
     test_set: ImageSet | None
     plan: budget.Plan | None
     saved: dict | None  # last.pt when resuming
+    teacher: Teacher | None  # distillation
 
 
 def run_callbacks(setup: Setup, tracker, started: float) -> list[Callback]:
@@ -134,8 +135,8 @@ def run_callbacks(setup: Setup, tracker, started: float) -> list[Callback]:
     plan = setup.plan
     callbacks: list[Callback] = [CachedFeatures(), EMA(), LookaheadAveraging(), EarlyStopping()]
     distill = setup.recipe["distill"]
-    if distill["teacher"]:  # after the feature cache: it distils image batches only
-        callbacks.append(Distill(distill["teacher"], distill["temperature"], distill["weight"]))
+    if setup.teacher is not None:  # after the feature cache: it distils image batches only
+        callbacks.append(Distill(setup.teacher, distill["temperature"], distill["weight"]))
     if plan is not None:  # rank 0's: the others follow its plan (Trainer._agree)
         callbacks.append(Replan(plan, started))
     if not distributed.world().main:
@@ -231,13 +232,17 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         built = build_model(model_cfg, len(classes), recipe["data"]["image_size"])[0]
         return built.to(device, memory_format=memory_format(choice.channels_last))
 
+    teacher = None
+    if recipe["distill"]["teacher"]:  # the classes checked before anything is written
+        teacher = Teacher(recipe["distill"]["teacher"], classes, device, preprocess, choice)
     plan = None
     if budget_s is not None and not resume:
         if world.main:  # the others wait for its plan (timed on rank 0's share of a batch)
+            extra = teacher.seconds_per_image(next(val_loader.epoch())[0][:64]) if teacher else 0.0
             plan = budget.plan(
                 recipe, model, loader_for, val_loader, choice.bf16, budget_s,
                 lambda: time.perf_counter() - started, log,
-                build=build, overhead_s=time.perf_counter() - loaded,
+                build=build, overhead_s=time.perf_counter() - loaded, per_image_s=extra,
             )  # fmt: skip
         planned = distributed.broadcast(
             {"recipe": plan.recipe, "resized": plan.resized} if plan else None
@@ -256,7 +261,9 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         model.init_from_data(sample_batch(train_set, preprocess, device))
     if recipe["sync_bn"] and world.active:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same parameters
-    setup = Setup(recipe, model, preprocess, choice, train_set, val_set, test_set, plan, saved)
+    setup = Setup(
+        recipe, model, preprocess, choice, train_set, val_set, test_set, plan, saved, teacher
+    )
     return setup, loader_for, val_loader
 
 
