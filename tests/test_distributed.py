@@ -293,6 +293,12 @@ def test_launch_errors_are_one_line_and_exit_2(tmp_path, tiny_folder):
                 "1",
             ],
             "needs --node-rank": ["--rdzv-endpoint", f"127.0.0.1:{port}"],
+            "is not an address of this machine": [
+                "--rdzv-endpoint",
+                "192.0.2.1:29400",
+                "--node-rank",
+                "0",
+            ],
         }
         for expected, flags in cases.items():
             r = train(*base, "--nnodes", 2, "--nproc-per-node", 1, *flags, cwd=tmp_path, timeout=60)

@@ -12,6 +12,7 @@ terminates them) and the launcher says which one and how to resume.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -49,7 +50,12 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket() as s:
         try:
             s.bind((host, port))
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(
+                    f"{host} is not an address of this machine: run --node-rank 0 on the machine "
+                    "that --rdzv-endpoint names"
+                ) from None
             raise UserError(
                 f"port {port} on {host} is in use by another program: give --rdzv-endpoint "
                 "another port (the same on every machine)"
