@@ -175,13 +175,19 @@ def worker_pids(launcher: int) -> dict[int, int]:
     return found
 
 
+def wait_for_epochs(out: Path, epochs_done: int, proc: subprocess.Popen) -> RunDir:
+    """Wait (at most 3 minutes) until `out`'s last.pt holds `epochs_done` finished epochs,
+    while `proc` still runs."""
+    run, deadline = RunDir(out), time.time() + 180
+    while not (run.last.is_file() and run.finished_epochs() >= epochs_done):
+        assert proc.poll() is None and time.time() < deadline, "the run ended first"
+        time.sleep(0.2)
+    return run
+
+
 def kill_rank_1_after(out: Path, epochs_done: int, proc: subprocess.Popen) -> float:
     """Once `out` holds `epochs_done` finished epochs, kill -9 rank 1; return when."""
-    deadline = time.time() + 180
-    run = RunDir(out)
-    while not (run.last.is_file() and run.finished_epochs() >= epochs_done):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
-        time.sleep(0.2)
+    wait_for_epochs(out, epochs_done, proc)
     pids = worker_pids(proc.pid)
     os.kill(pids[1], signal.SIGKILL)
     return time.time()
@@ -257,11 +263,7 @@ def test_a_lost_machine_stops_the_other_with_one_line(tmp_path):
     data = make_folder(tmp_path / "data", per_class=60)
     port, r, out = free_port(), recipe(tmp_path, epochs=40, batchnorm=True), tmp_path / "run"
     nodes = [node(rank, port, r, data, out) for rank in (0, 1)]
-    run = RunDir(out)
-    deadline = time.time() + 180
-    while not (run.last.is_file() and run.finished_epochs() >= 2):
-        assert nodes[0].poll() is None and time.time() < deadline
-        time.sleep(0.2)
+    run = wait_for_epochs(out, 2, nodes[0])
     (worker,) = worker_pids(nodes[1].pid).values()
     os.kill(worker, signal.SIGKILL)
     killed = time.time()
@@ -384,10 +386,7 @@ def test_ctrl_c_stops_every_process_with_rank_0s_line(tmp_path):
          str(recipe(tmp_path, epochs=300)), "--data", str(data), "--out", str(out)],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    run, deadline = RunDir(out), time.time() + 180
-    while not (run.last.is_file() and run.finished_epochs() >= 2):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
+    run = wait_for_epochs(out, 2, proc)
     os.killpg(proc.pid, signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, err

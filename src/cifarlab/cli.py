@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cifarlab import __version__
 from cifarlab.core.errors import Interrupted, RunFailed, UserError, require
+from cifarlab.core.log import speaks
 
 MAIN_EXAMPLES = """Train, compare and serve small-image classifiers. For example:
 
@@ -111,7 +112,7 @@ def cmd_train(args) -> None:
     from cifarlab.core import distributed
 
     distributed.close()
-    if not main_process():
+    if not speaks():
         return
     line = f"run: {result['run_dir']}  val_accuracy {result['val']['accuracy']:.4f}"
     if "test" in result:
@@ -199,10 +200,10 @@ def cmd_tune(args) -> None:
     result = tune(
         args.recipe, args.data, args.trials, args.out, args.budget_per_trial, args.space,
         args.study, args.storage, overrides_from(args),
-        tracker=tracker_from(args) if main_process() else None,
+        tracker=tracker_from(args) if speaks() else None,
         progress=not args.no_progress, seed=args.seed or 0,
     )  # fmt: skip
-    if not main_process():
+    if not speaks():
         return
     print(Path(result["out"], "trials.md").read_text(), end="")
     best = result["best"]
@@ -748,16 +749,11 @@ def add_tools(sub) -> None:
     rc.set_defaults(func=cmd_recipes)
 
 
-def main_process() -> bool:
-    """Under torchrun, rank 0 alone prints results and errors (the others exit quietly)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def failed(code: int, message: str) -> int:
     """Say a failure (rank 0) and return its exit code. Under torchrun another rank first waits
     a little: torchrun stops every process as soon as one exits with an error, and rank 0
     must not be stopped before it has said what was wrong and removed what it started."""
-    if main_process():
+    if speaks():
         print(message, file=sys.stderr)
     else:
         time.sleep(OTHER_RANKS_GRACE_S)

@@ -7,6 +7,12 @@ import os
 import sys
 
 
+def speaks() -> bool:
+    """Under torchrun, rank 0 alone prints (read from torchrun's environment: no torch import,
+    so the CLI can ask before loading anything)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
+    if speaks():
         print(msg, file=sys.stderr, flush=True)

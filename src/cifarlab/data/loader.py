@@ -57,9 +57,7 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def share(self, i: int) -> float:
-        """This process's share of batch i (its rows / the batch's rows); 1 in a world of one."""
-        rows = min(self.batch_size, len(self.labels) - i * self.batch_size)
-        return len(range(self.rank, rows, self.world_size)) / rows
+        return batch_share(i, self.batch_size, len(self.labels), self.rank, self.world_size)
 
     def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs, targets): targets are soft (N, classes) when augmenting, else class ids.
@@ -96,6 +94,13 @@ class BatchLoader:
             self.interpolation,
             self.resize_steps,
         )
+
+
+def batch_share(i: int, batch_size: int, n: int, rank: int, world_size: int) -> float:
+    """Process `rank`'s share of global batch i of n items: its rows (`rank::world_size`) over
+    the batch's rows; 1 in a world of one."""
+    rows = min(batch_size, n - i * batch_size)
+    return len(range(rank, rows, world_size)) / rows
 
 
 def prepare(

@@ -179,8 +179,7 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
             "--sync-bn (sync_bn: true) needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
             "on the CPU each process normalises over its own rows of the batch"
         )
-    if recipe["distill"]["teacher"]:
-        load_model(recipe["distill"]["teacher"])  # a bad teacher fails before the data is read
+    teacher = Teacher(recipe["distill"]["teacher"]) if recipe["distill"]["teacher"] else None
     torch.manual_seed(recipe["seed"])
     train_set, val_set, test_set = split_data(recipe)  # bad data fails before anything is written
     loaded = time.perf_counter()
@@ -232,9 +231,8 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         built = build_model(model_cfg, len(classes), recipe["data"]["image_size"])[0]
         return built.to(device, memory_format=memory_format(choice.channels_last))
 
-    teacher = None
-    if recipe["distill"]["teacher"]:  # the classes checked before anything is written
-        teacher = Teacher(recipe["distill"]["teacher"], classes, device, preprocess, choice)
+    if teacher is not None:  # its classes checked before anything is written
+        teacher.place(classes, device, preprocess, choice)
     plan = None
     if budget_s is not None and not resume:
         if world.main:  # the others wait for its plan (timed on rank 0's share of a batch)

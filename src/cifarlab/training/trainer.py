@@ -177,7 +177,7 @@ class Trainer:
             self.step = self.epoch * self.steps_per_epoch + i  # steps done in this phase
             if self.step >= self.horizon:  # a fractional last epoch
                 break
-            scale = self.world.size * self.batches.share(i) if self.world.active else 1.0
+            scale = self.world.size * self.batches.share(i)  # exactly 1.0 in a world of one
             with CTRL_C.deferred():  # Ctrl-C lands between steps, never inside one
                 loss, logits = train_step(
                     self.net, self.opt, x, y, self.bf16, self.loss_fn, scale, self.phase.accumulate

@@ -30,20 +30,25 @@ from cifarlab.training.events import Callback
 class Teacher:
     """A trained model that answers for the student's batches, in its own preprocessing."""
 
-    def __init__(self, path: str, classes: list[str], device, student: dict, choice):
+    def __init__(self, path: str):
+        """Read the teacher (before the data, so that a bad path fails first); `place` it."""
         self.path = path
-        self.model, info = load_model(path)
-        if list(info["classes"]) != list(classes):
+        self.model, self.info = load_model(path)
+        self.pre = self.info["preprocess"]
+
+    def place(self, classes: list[str], device, student: dict, choice) -> Teacher:
+        """Check its classes against the data's; move it to the run's device, precision and
+        layout, with the student's normalisation to undo."""
+        if list(self.info["classes"]) != list(classes):
             raise UserError(
-                f"the teacher {path} knows the classes {', '.join(info['classes'])}, not this "
-                f"data's {', '.join(classes)}: distil from a model trained on these classes"
+                f"the teacher {self.path} knows the classes {', '.join(self.info['classes'])}, "
+                f"not this data's {', '.join(classes)}: distil from a model trained on these classes"
             )
         self.channels_last, self.bf16 = choice.channels_last, choice.bf16
         self.model.to(device, memory_format=memory_format(self.channels_last)).requires_grad_(False)
-        self.pre = info["preprocess"]
         self.tmean, self.tstd = _stats(self.pre, device)
         self.smean, self.sstd = _stats(student, device)
-        self.info = info
+        return self
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from cifarlab.core.log import log
 from cifarlab.core.progress import bar
 from cifarlab.data import ImageSet
 from cifarlab.data.augment import AugmentConfig
-from cifarlab.data.loader import BatchLoader
+from cifarlab.data.loader import BatchLoader, batch_share
 from cifarlab.models.protocol import Backbone
 from cifarlab.training.events import Callback
 
@@ -116,9 +116,8 @@ class FeatureCache:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def share(self, i: int) -> float:
-        """This process's share of batch i (as BatchLoader.share)."""
-        rows = min(self.batch_size, self.train.shape[1] - i * self.batch_size)
-        return len(range(self.world.rank, rows, self.world.size)) / rows
+        n = self.train.shape[1]
+        return batch_share(i, self.batch_size, n, self.world.rank, self.world.size)
 
     def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (features, soft targets) in a shuffled order; each image from a random view.
