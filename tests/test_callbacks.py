@@ -206,3 +206,18 @@ def test_an_ema_run_scores_the_average_and_resumes_exactly(
     predictor, epochs = interrupted_predictor(tmp_path / "clean")
     assert epochs == 3
     assert all(torch.equal(predictor.model.state_dict()[k].cpu(), average[k]) for k in average)
+
+
+def test_the_run_line_trusts_measured_epochs_over_the_plan():
+    from types import SimpleNamespace
+
+    from cifarlab.training.callbacks.console import RunClock
+
+    phases = [SimpleNamespace(name="train", epochs=11)]
+    history: list[dict] = []
+    clock = RunClock(phases, [60.0], history, estimated=False)
+    assert "about 11 min left" in clock.line()  # the plan: 11 x 60 s
+    history.append({"phase": "train", "epoch": 1, "seconds": 30.0})
+    assert "about 5 min left" in clock.line()  # the first epoch measured: 10 x 30 s
+    history += [{"phase": "train", "epoch": e, "seconds": 42.0} for e in (2, 3)]
+    assert "about 6 min left" in clock.line()  # later: the median after the first, 8 x 42 s

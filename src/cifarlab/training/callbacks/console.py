@@ -63,8 +63,9 @@ class RunClock:
         total = sum(p.epochs for p in phases)
         seconds = []
         for i, p in enumerate(phases):
-            measured = [r["seconds"] for r in self.history if r["phase"] == p.name][1:]
-            if measured:  # the median after the first (which holds one-off costs)
+            rows = [r["seconds"] for r in self.history if r["phase"] == p.name]
+            measured = rows[1:] or rows  # the median after the first (which holds one-off
+            if measured:  # costs) once there are two; the first beats the plan's estimate
                 seconds.append(sorted(measured)[len(measured) // 2])
             elif i < len(self.epoch_seconds):
                 seconds.append(self.epoch_seconds[i])
