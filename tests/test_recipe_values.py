@@ -128,3 +128,15 @@ def test_good_values_of_the_shipped_recipes_pass():
         config.load_recipe(name)  # every shipped recipe validates
     r = config.load_recipe("fast", {"train.eval_tta": True, "threads": 2, "data.limit": 100})
     assert yaml.safe_load(config.dump(r))["threads"] == 2
+
+
+def test_fewer_epochs_keep_the_warmups_share_of_the_schedule():
+    # --epochs 3 on fast (warm-up 2.3 of 10 epochs) warms up for 23% of 3, not for 77% of it
+    fast = config.load_recipe("fast", {"train.epochs": 3, "*phases.epochs": 3})
+    assert fast["train"]["warmup_epochs"] == pytest.approx(0.69)
+    pinned = config.load_recipe("fast", {"train.epochs": 3, "train.warmup_epochs": 1.0})
+    assert pinned["train"]["warmup_epochs"] == 1.0  # set together: taken as given
+    assert config.load_recipe("fast")["train"]["warmup_epochs"] == 2.3
+    lite = config.load_recipe("lite0-transfer", {"train.epochs": 6, "*phases.epochs": 6})
+    assert lite["phases"][1]["warmup_epochs"] == pytest.approx(0.2)  # 0.1 of 3 -> 0.2 of 6
+    assert "warmup_epochs" not in lite["phases"][0]  # a phase without a warm-up gets none

@@ -74,12 +74,14 @@ def resolve(recipe: dict, overrides: dict[str, Any] | None = None) -> dict:
     """Merge a (partial) recipe over the defaults, check its keys, apply overrides."""
     merged = defaults()
     _merge(merged, recipe, "")
+    written = _schedules(merged)
     for key, value in (overrides or {}).items():
         if key.startswith("*phases."):  # a CLI flag: applies to every phase too
             for phase in merged["phases"]:
                 phase[key.removeprefix("*phases.")] = value
         else:
             set_key(merged, key, value)
+    _keep_warmup_share(merged, written)
     if not schema.PHASES.check(merged["phases"]):
         raise UserError(
             f"recipe key phases = {merged['phases']!r} is not allowed: use a list of mappings "
@@ -92,6 +94,39 @@ def resolve(recipe: dict, overrides: dict[str, Any] | None = None) -> dict:
                 f"phases[{i}] has unknown key(s) {sorted(unknown)}; use keys of `train`"
             )
     return schema.validate(merged)
+
+
+def _schedules(recipe: dict) -> list[tuple[Any, Any]]:
+    """(epochs, warmup_epochs) of each phase as written (a phase inherits `train`'s)."""
+    train = recipe["train"]
+    items = recipe["phases"] if isinstance(recipe["phases"], list) and recipe["phases"] else [{}]
+    return [
+        (p.get("epochs", train.get("epochs")), p.get("warmup_epochs", train.get("warmup_epochs")))
+        if isinstance(p, dict)
+        else (None, None)
+        for p in items
+    ]
+
+
+def _keep_warmup_share(recipe: dict, written: list[tuple[Any, Any]]) -> None:
+    """An override of a phase's epochs (`--epochs 3`) that leaves its warm-up alone keeps the
+    warm-up's share of the schedule, as `--budget` does: `fast` warms up for 2.3 of 10 epochs,
+    so 0.69 of 3 (not 2.3 of 3, 77% of the run). Setting warmup_epochs too pins it."""
+    now = _schedules(recipe)
+    if len(now) != len(written):
+        return
+    for i, ((epochs, warmup), (new_epochs, new_warmup)) in enumerate(
+        zip(written, now, strict=True)
+    ):
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool)
+            for v in (epochs, warmup, new_epochs)
+        )
+        if not numbers or epochs <= 0 or new_epochs <= 0:
+            continue  # nothing to scale (a bad value is the schema's to report)
+        if new_epochs != epochs and warmup and new_warmup == warmup:
+            section = recipe["phases"][i] if recipe["phases"] else recipe["train"]
+            section["warmup_epochs"] = round(warmup * new_epochs / epochs, 3)
 
 
 def _merge(base: dict, update: dict, prefix: str) -> None:
