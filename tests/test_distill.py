@@ -30,7 +30,7 @@ class FixedLogits(torch.nn.Module):
 def teacher_of(model, pre=None) -> Teacher:
     """A Teacher around `model` (trained at `pre`) for a student normalised with 0.4 / 0.2."""
     t = Teacher.__new__(Teacher)
-    t.model, t.bf16, t.channels_last = model, False, False
+    t.model, t.bf16, t.channels_last, t.table = model, False, False, None
     t.pre = pre or {"input_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3}
     t.tmean, t.tstd = (torch.tensor(t.pre[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     t.smean, t.sstd = torch.full((1, 3, 1, 1), 0.4), torch.full((1, 3, 1, 1), 0.2)
@@ -129,3 +129,77 @@ def test_the_budget_counts_the_teachers_time(
         planned.append(float(re.search(r"training ([\d.]+) epochs", line).group(1)))
         monkeypatch.setattr(Teacher, "seconds_per_image", lambda self, x: 0.005)
     assert planned[1] < planned[0] / 3, planned
+
+
+@pytest.mark.parametrize("flip", [True, "alternate"])
+def test_the_loader_says_which_image_and_orientation_each_row_is(tiny_folder, flip):
+    from cifarlab.data import load_images
+    from cifarlab.data.augment import AugmentConfig
+    from cifarlab.data.loader import BatchLoader
+
+    data = load_images(tiny_folder)
+    pre = {"input_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3}
+    loader = BatchLoader(
+        data, 16, torch.device("cpu"), pre, aug=AugmentConfig(flip=flip), shuffle=True, seed=3
+    )
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
+    mirrored_any = False
+    for x, _ in loader.epoch(seed=5, index=1):
+        idx, mirrored = loader.views
+        want = torch.where(mirrored[:, None, None, None], images[idx].flip(3), images[idx])
+        torch.testing.assert_close(x, (want - 0.4) / 0.2)
+        mirrored_any |= bool(mirrored.any()) and not bool(mirrored.all())
+    assert mirrored_any  # some rows mirrored, some not
+
+
+def taught_args(tiny_folder, tiny_recipe, teacher, out):
+    return ["train", "--recipe", str(tiny_recipe), "--data", str(tiny_folder), "--no-track",
+            "--no-progress", "--teacher", str(teacher), "--out", str(out),
+            "--set", "augment.rotate=0", "--set", "augment.zoom=0"]  # fmt: skip
+
+
+def test_cached_teacher_logits_are_the_teachers_own_for_flipped_views(
+    tiny_folder, tiny_recipe, tmp_path, cifarlab_home, capsys
+):
+    """With flips only, looking the teacher's logits up by (image, orientation) gives what the
+    teacher answers for the student's batch; micro-batches get their own rows."""
+    from types import SimpleNamespace
+
+    from cifarlab.data import load_images
+    from cifarlab.data.augment import AugmentConfig
+    from cifarlab.data.loader import BatchLoader
+
+    cifarlab.train(tiny_recipe, tiny_folder, tmp_path / "teacher", progress=False)
+    data = load_images(tiny_folder)
+    pre = {"input_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3}
+    choice = SimpleNamespace(channels_last=False, bf16=False)
+    teacher = Teacher(str(tmp_path / "teacher")).place(data.classes, "cpu", pre, choice)
+    teacher.cache_views(data, "cpu", batch=7)
+    assert "computed in" in capsys.readouterr().err
+    loader = BatchLoader(data, 12, torch.device("cpu"), pre, aug=AugmentConfig(flip=True),
+                         shuffle=True)  # fmt: skip
+    d = Distill(teacher, 2.0, 0.5)
+    d.on_phase_start(SimpleNamespace(net=None, model=None, train_loader=loader, loss_fn=None))
+    for x, _ in loader.epoch(seed=1):
+        live = teacher.logits(x)
+        first, rest = d.teacher_logits(x[:5]), d.teacher_logits(x[5:])  # two micro-batches
+        torch.testing.assert_close(torch.cat([first, rest]), live, atol=1e-4, rtol=1e-4)
+    again = Teacher(str(tmp_path / "teacher")).place(data.classes, "cpu", pre, choice)
+    again.cache_views(data, "cpu")
+    assert "read from" in capsys.readouterr().err  # the same teacher and images: from disk
+    assert len(list((cifarlab_home / "teacher-logits").glob("*.npy"))) == 1
+
+
+def test_train_with_cached_teacher_logits(tiny_folder, tiny_recipe, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    cifarlab.train(tiny_recipe, tiny_folder, teacher, progress=False)
+    args = taught_args(tiny_folder, tiny_recipe, teacher, tmp_path / "cached")
+    assert main([*args, "--set", "distill.cache=true"]) == 0
+    assert "distill: teacher logits of 45 images x 2" in capsys.readouterr().err
+    assert RunDir(tmp_path / "cached").recipe()["distill"]["cache"] is True
+    # an augmentation that changes the image beyond a flip makes a lookup wrong: refused
+    args = taught_args(tiny_folder, tiny_recipe, teacher, tmp_path / "mixed")
+    code = main([*args, "--set", "distill.cache=true", "--set", "augment.mixup=0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "augment.mixup" in err and err.count("\n") == 1
+    assert not (tmp_path / "mixed").exists()

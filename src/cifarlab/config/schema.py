@@ -138,6 +138,7 @@ RULES: dict[str, Rule] = {
     "distill.teacher": optional(TEXT),
     "distill.temperature": number(0, lo_open=True),
     "distill.weight": number(0, 1),
+    "distill.cache": BOOL,
     "budget.sizes": SIZES,
     "budget.accuracy": ACCURACY,
     "budget.min_epochs": number(0),
@@ -175,6 +176,14 @@ def validate(recipe: dict) -> dict:
         _fail("augment.cutout", aug["cutout"], f"a whole number from 0 to the image size ({size})")
     if aug["translate"] >= size // 2:
         _fail("augment.translate", aug["translate"], f"a whole number below {size // 2}")
+    changing = [
+        k for k in ("rotate", "zoom", "brightness", "contrast", "mixup", "cutmix") if aug[k]
+    ]
+    if recipe["distill"]["cache"] and recipe["distill"]["teacher"] and changing:
+        raise UserError(
+            "distill.cache looks the teacher's logits up per image and flip, which "
+            f"augment.{changing[0]} makes wrong: drop the cache or that augmentation"
+        )
     sizes, table = recipe["budget"]["sizes"], recipe["budget"]["accuracy"]
     if table and len(table) != len(sizes):
         _fail(

@@ -47,6 +47,7 @@ class BatchLoader:
         self.interpolation = preprocess.get("interpolation", "bilinear")
         self.resize_steps = tuple(preprocess.get("resize_steps") or ())
         self.flipped = None  # alternating flip: the images mirrored in even epochs
+        self.views: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see epoch()
         if aug is not None and aug.flip == "alternate":
             g = torch.Generator().manual_seed(seed)
             self.flipped = (torch.rand(len(self.labels), generator=g) < 0.5).to(device)
@@ -61,7 +62,9 @@ class BatchLoader:
 
     def epoch(self, seed: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs, targets): targets are soft (N, classes) when augmenting, else class ids.
-        `index` (the epoch's number) decides which images an alternating flip mirrors."""
+        `index` (the epoch's number) decides which images an alternating flip mirrors. While a
+        batch is out, `views` holds its rows' image indices and which of them are mirrored
+        (None without flips), for what is looked up per image (a teacher's cached logits)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         n = len(self.labels)
         order = (
@@ -78,10 +81,23 @@ class BatchLoader:
             y = self.labels[idx]
             if self.aug is not None:  # drawn for the whole global batch, then this rank's rows
                 y = F.one_hot(y, self.num_classes).float()
-                mask = None if self.flipped is None else self.flipped[idx] ^ bool(index % 2)
+                mask = self._flip_mask(idx, index, g)
                 x, y = augment(x, y, self.aug, g, mask)
                 x, y = x[mine], y[mine]
+                idx, mask = idx[mine], None if mask is None else mask[mine]
+            else:
+                mask = None
+            self.views = (idx, mask)
             yield self.prepare(x), y
+
+    def _flip_mask(self, idx: torch.Tensor, index: int, g: torch.Generator):
+        """Which images of the batch are mirrored: alternating, or the random half that
+        `augment.flip` would draw (drawn here, from the same generator: the same stream)."""
+        if not self.aug.flip:
+            return None
+        if self.flipped is not None:
+            return self.flipped[idx] ^ bool(index % 2)
+        return torch.rand(len(idx), generator=g, device=self.device) < 0.5
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Resize a [0, 1] batch to the model's input size and normalise it."""

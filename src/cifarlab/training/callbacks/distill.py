@@ -10,18 +10,33 @@ resize steps, interpolation and normalisation, from its checkpoint), so any cifa
 teach any other on the same classes. It runs forward only, in the run's precision, inside the
 training step; a budget counts its measured cost per image from the first plan on.
 Frozen-backbone phases on cached features are not distilled (their batches are features).
+
+`distill.cache: true` trades exactness for the teacher's cost: its logits are computed once per
+training image and orientation (plain and mirrored: 2 forward passes an image, before training,
+stored under $CIFARLAB_HOME/teacher-logits by a hash of the teacher file, the images and the
+precision, so the next run with the same teacher and data reads them), and each step looks its
+rows up by image and flip. Exact for flips; under shifts and cutout the teacher's answer is that
+for the whole, unshifted image. Augmentations that change an image more (rotation, zoom,
+brightness, contrast, MixUp, CutMix) are refused with the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cifarlab.core import checkpoint, distributed
 from cifarlab.core.errors import UserError
+from cifarlab.core.files import atomic_path
 from cifarlab.core.log import log
 from cifarlab.core.runtime import memory_format
+from cifarlab.data.cache import cifarlab_home, file_sha256
+from cifarlab.data.dataset import ImageSet
 from cifarlab.data.loader import prepare
 from cifarlab.models import count_parameters, load_model
 from cifarlab.training.events import Callback
@@ -35,6 +50,7 @@ class Teacher:
         self.path = path
         self.model, self.info = load_model(path)
         self.pre = self.info["preprocess"]
+        self.table: torch.Tensor | None = None  # cached logits (images, plain/mirrored, classes)
 
     def place(self, classes: list[str], device, student: dict, choice) -> Teacher:
         """Check its classes against the data's; move it to the run's device, precision and
@@ -54,15 +70,60 @@ class Teacher:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits for a batch prepared for the student."""
         images = (x.float() * self.sstd + self.smean).clamp_(0, 1)  # the student's view, in [0, 1]
+        return self.logits_of(images)
+
+    @torch.no_grad()
+    def logits_of(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for a float batch (N, 3, H, W) in [0, 1]."""
         seen = prepare(
             images, int(self.pre["input_size"]), self.tmean, self.tstd, self.channels_last,
             self.pre.get("interpolation", "bilinear"), tuple(self.pre.get("resize_steps") or ()),
         )  # fmt: skip
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(seen).float()
 
+    def cache_views(self, train: ImageSet, device, batch: int = 500) -> None:
+        """Compute (or read) the teacher's logits of every training image, plain and mirrored,
+        for `lookup` (module docstring: what this approximates; the recipe's check refuses the
+        augmentations it cannot stand for)."""
+        key = {
+            "version": 1,
+            "teacher": file_sha256(checkpoint.resolve_path(self.path)),
+            "images": hashlib.sha256(np.ascontiguousarray(train.images).data).hexdigest(),
+            "bf16": self.bf16,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        path = cifarlab_home() / "teacher-logits" / f"{digest[:32]}.npy"
+        start = time.perf_counter()
+        if distributed.world().main and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, suffix=".npy") as tmp:
+                np.save(tmp, self._all_views(train, device, batch))
+            what = f"computed in {time.perf_counter() - start:.1f}s, saved to {path}"
+        else:
+            what = f"read from {path}"
+        distributed.barrier()  # rank 0 has written it
+        self.table = torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
+        log(f"distill: teacher logits of {len(train)} images x 2 (plain, mirrored) {what}")
+
+    def _all_views(self, train: ImageSet, device, batch: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(train), batch):
+            x = torch.from_numpy(train.images[i : i + batch]).to(device)
+            x = x.permute(0, 3, 1, 2).float().div_(255)
+            out.append(torch.stack([self.logits_of(x), self.logits_of(x.flip(3))], 1).cpu())
+        return torch.cat(out).numpy()
+
+    def lookup(self, idx: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
+        """Cached logits of images `idx` in the orientation each was shown."""
+        view = torch.zeros_like(idx) if mirrored is None else mirrored.long()
+        return self.table[idx, view]
+
     def seconds_per_image(self, x: torch.Tensor, repeats: int = 2) -> float:
-        """Measured cost of the teacher in a training step (for the budget's plan)."""
+        """Measured cost of the teacher in a training step (for the budget's plan): nothing
+        but a lookup once its logits are cached (their one-off cost is spent before planning)."""
+        if self.table is not None:
+            return 0.0
         self.logits(x)  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
@@ -103,13 +164,26 @@ class Distill(Callback):
         if t.net is not t.model:  # cached features: no images to show the teacher
             return
         labels_loss = t.loss_fn
+        self.loader, self.views, self.row = t.train_loader, None, 0
         t.loss_fn = lambda logits, targets, x: self.loss(labels_loss, logits, targets, x)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for `x`: the batch out of the loader, or the next rows of it
+        (a step's micro-batches come in order)."""
+        if self.teacher.table is None:
+            return self.teacher.logits(x)
+        if self.loader.views is not self.views:  # a new batch
+            self.views, self.row = self.loader.views, 0
+        idx, mirrored = self.views
+        rows = slice(self.row, self.row + len(x))
+        self.row += len(x)
+        return self.teacher.lookup(idx[rows], None if mirrored is None else mirrored[rows])
 
     def loss(self, labels_loss, logits, targets, x) -> torch.Tensor:
         t = self.temperature
         soft = F.kl_div(
             F.log_softmax(logits / t, dim=1),
-            F.softmax(self.teacher.logits(x) / t, dim=1),
+            F.softmax(self.teacher_logits(x) / t, dim=1),
             reduction="batchmean",
         )
         return (1 - self.weight) * labels_loss(logits, targets, x) + self.weight * t * t * soft
