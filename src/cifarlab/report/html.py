@@ -93,71 +93,95 @@ def run_report(
     """Write the report of one run (default RUN_DIR/report.html) and return its path.
     `val_set` saves re-decoding the data when the caller has the validation split at hand."""
     run = read_run(run_dir)
-    run_dir, m = Path(run_dir), run["metrics"]
+    run_dir = Path(run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures, notes, cal = run_figures(run, run_dir, val_set, Path(tmp))
+    body = run_body(run, run_dir, figures, notes, cal)
+    return write_page(Path(out) if out else RunDir(run_dir).report, run["name"], body)
+
+
+def run_figures(
+    run: dict, run_dir: Path, val_set: ImageSet | None, png: Path
+) -> tuple[dict[str, str], list[str], dict | None]:
+    """The report's embedded figures by section, its notes, and the calibration (or None)."""
+    m = run["metrics"]
     val = m.get("val")
     notes: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        png = Path(tmp)
-        figures: dict[str, str] = {}
-        if run["history"]:
-            plots.curves(run["history"], png / "curves.png")
-            figures["curves"] = embed(png / "curves.png", "loss and accuracy per epoch")
-        if val:
-            plots.confusion(np.array(val["confusion"]), val["classes"], png / "confusion.png")
-            figures["confusion"] = embed(png / "confusion.png", "confusion matrix")
-            per_class = {c: v["accuracy"] for c, v in val["per_class"].items()}
-            plots.class_accuracy({run["name"]: per_class}, png / "classes.png")
-            figures["classes"] = embed(png / "classes.png", "per-class accuracy")
-        probs_path = RunDir(run_dir).probs_path("val")
-        cal = None
-        if "probs" in run:  # an interrupted run, scored just now
-            notes.append(
-                f"interrupted after epoch {m['interrupted_after_epoch']}: "
-                "scored last.pt (plain, no test-time augmentation)"
-            )
-            val_set = run["val_set"]
-        if val and ("probs" in run or probs_path.is_file()):
-            probs = run["probs"] if "probs" in run else np.load(probs_path)
-            if val_set is None:
-                val_set, why = validation_set(run_dir, len(probs))
-                if why:
-                    notes.append(why)
-            if val_set is not None:
-                cal = calibration(probs, val_set.labels)
-                plots.reliability(
-                    cal["confidence"], cal["accuracy"], cal["counts"], cal["ece"], png / "cal.png"
-                )
-                figures["calibration"] = embed(png / "cal.png", "reliability diagram")
-                worst = most_confident_mistakes(probs, val_set.labels)
-                explainer, why = explainer_of(run_dir, run.get("predictor"))
-                notes += [why] if why else []
-                classes = val["classes"]
-                if len(worst):
-                    predicted = probs[worst].argmax(1)
-                    plots.mistakes(
-                        val_set.images[worst],
-                        [classes[i] for i in val_set.labels[worst]],
-                        [classes[i] for i in predicted],
-                        probs[worst].max(1),
-                        png / "mistakes.png",
-                        heat=heat_of(explainer, val_set.images[worst], predicted),
-                    )
-                    figures["mistakes"] = embed(png / "mistakes.png", "most confident mistakes")
-                right = most_confident_correct(probs, val_set.labels)
-                if explainer is not None and len(right):
-                    plots.examples(
-                        val_set.images[right],
-                        heat_of(explainer, val_set.images[right], val_set.labels[right]),
-                        [
-                            f"{classes[c]} {probs[i, c]:.0%}"
-                            for i, c in zip(right, val_set.labels[right], strict=True)
-                        ],
-                        png / "correct.png",
-                    )
-                    figures["correct"] = embed(png / "correct.png", "one correct example per class")
-        elif val:
-            notes.append("val_probs.npy is missing: no calibration or mistakes")
-    body = [
+    figures: dict[str, str] = {}
+    if run["history"]:
+        plots.curves(run["history"], png / "curves.png")
+        figures["curves"] = embed(png / "curves.png", "loss and accuracy per epoch")
+    if val:
+        plots.confusion(np.array(val["confusion"]), val["classes"], png / "confusion.png")
+        figures["confusion"] = embed(png / "confusion.png", "confusion matrix")
+        per_class = {c: v["accuracy"] for c, v in val["per_class"].items()}
+        plots.class_accuracy({run["name"]: per_class}, png / "classes.png")
+        figures["classes"] = embed(png / "classes.png", "per-class accuracy")
+    probs_path = RunDir(run_dir).probs_path("val")
+    if "probs" in run:  # an interrupted run, scored just now
+        notes.append(
+            f"interrupted after epoch {m['interrupted_after_epoch']}: "
+            "scored last.pt (plain, no test-time augmentation)"
+        )
+        val_set = run["val_set"]
+    if not val:
+        return figures, notes, None
+    if "probs" not in run and not probs_path.is_file():
+        notes.append("val_probs.npy is missing: no calibration or mistakes")
+        return figures, notes, None
+    probs = run["probs"] if "probs" in run else np.load(probs_path)
+    if val_set is None:
+        val_set, why = validation_set(run_dir, len(probs))
+        notes += [why] if why else []
+    if val_set is None:
+        return figures, notes, None
+    explainer, why = explainer_of(run_dir, run.get("predictor"))
+    notes += [why] if why else []
+    cal = probability_figures(probs, val_set, val["classes"], explainer, png, figures)
+    return figures, notes, cal
+
+
+def probability_figures(
+    probs: np.ndarray, val_set: ImageSet, classes: list[str], explainer, png: Path, figures: dict
+) -> dict:
+    """Calibration, the most confident mistakes and one explained correct example per class,
+    from the validation probabilities, into `figures`; returns the calibration."""
+    cal = calibration(probs, val_set.labels)
+    plots.reliability(
+        cal["confidence"], cal["accuracy"], cal["counts"], cal["ece"], png / "cal.png"
+    )
+    figures["calibration"] = embed(png / "cal.png", "reliability diagram")
+    worst = most_confident_mistakes(probs, val_set.labels)
+    if len(worst):
+        predicted = probs[worst].argmax(1)
+        plots.mistakes(
+            val_set.images[worst],
+            [classes[i] for i in val_set.labels[worst]],
+            [classes[i] for i in predicted],
+            probs[worst].max(1),
+            png / "mistakes.png",
+            heat=heat_of(explainer, val_set.images[worst], predicted),
+        )
+        figures["mistakes"] = embed(png / "mistakes.png", "most confident mistakes")
+    right = most_confident_correct(probs, val_set.labels)
+    if explainer is not None and len(right):
+        plots.examples(
+            val_set.images[right],
+            heat_of(explainer, val_set.images[right], val_set.labels[right]),
+            [
+                f"{classes[c]} {probs[i, c]:.0%}"
+                for i, c in zip(right, val_set.labels[right], strict=True)
+            ],
+            png / "correct.png",
+        )
+        figures["correct"] = embed(png / "correct.png", "one correct example per class")
+    return cal
+
+
+def run_body(run: dict, run_dir: Path, figures: dict, notes: list[str], cal) -> list[str]:
+    """The report page's HTML sections."""
+    m = run["metrics"]
+    return [
         f"<h1>{esc(run['name'])}</h1>",
         f'<p class="sub">cifarlab run report · {esc(run_dir.absolute())} · '
         f"generated {datetime.now():%Y-%m-%d %H:%M} by cifarlab {__version__}</p>",
@@ -184,7 +208,7 @@ def run_report(
         section(
             "per-class",
             "Per-class accuracy (validation split)",
-            figures.get("classes", "") + class_table(val),
+            figures.get("classes", "") + class_table(m.get("val")),
         ),
         section(
             "mistakes",
@@ -199,7 +223,6 @@ def run_report(
         ),
         section("recipe", "Resolved recipe", f"<pre>{esc(run['recipe_text'])}</pre>"),
     ]
-    return write_page(Path(out) if out else RunDir(run_dir).report, run["name"], body)
 
 
 def comparison_report(run_dirs: list[str | Path], out: str | Path) -> Path:

@@ -290,13 +290,7 @@ def plan(
         options.append((i, seconds, fixed, epochs))
     if skipped:
         log(f"budget: sizes {skipped} not timed: the start-up allowance was spent")
-    if table:
-        score = {i: expected_accuracy(table[i], e) for i, _, _, e in options}
-        chosen = max(options, key=lambda o: (score[o[0]], -o[0]))
-    else:  # sizes from small to large: the largest that still gets min_epochs
-        least = float(recipe["budget"]["min_epochs"])
-        fits = [o for o in options if o[3] >= least]
-        chosen = fits[-1] if fits else options[0]
+    chosen, score = choose(options, table, float(recipe["budget"]["min_epochs"]))
     i, epoch_seconds, fixed, _ = chosen
     sized = with_size(recipe, sizes[i]) if sizes[i] else copy.deepcopy(recipe)
     phases = config.phases(sized)
@@ -314,14 +308,11 @@ def plan(
                 section[key] = round(float(section[key]) * factor, 3)
     planned = [round(p.epochs * factor, 2) for p in phases]
     if len(sizes) > 1:
-        log(
-            "budget: sizes "
-            + "; ".join(
-                f"{n + 1}) {sum(s):.1f}s/epoch, {e:.1f} epochs"
-                + (f", expect {score[n]:.1%}" if table else "")
-                for n, s, _, e in options
-            )
-        )
+        log("budget: sizes " + "; ".join(
+            f"{n + 1}) {sum(s):.1f}s/epoch, {e:.1f} epochs"
+            + (f", expect {score[n]:.1%}" if score else "")
+            for n, s, _, e in options
+        ))  # fmt: skip
     size_note = f"; size {i + 1} of {len(sizes)}: {sizes[i]}" if len(sizes) > 1 else ""
     log(
         f"budget {budget_s:.0f}s: planned in {time.perf_counter() - started:.1f}s, "
@@ -329,6 +320,17 @@ def plan(
         f"training {' + '.join(map(str, planned))} epochs{size_note}"
     )
     return Plan(sized, budget_s, epoch_seconds, fixed, bool(sizes[i]))
+
+
+def choose(options: list, table: list, min_epochs: float) -> tuple[tuple, dict[int, float]]:
+    """The planned size among `options` (size, epoch seconds, fixed seconds, epochs) and each
+    size's expected accuracy: the best expectation from the measured `table`; without one, the
+    largest (sizes go from small to large) that still trains `min_epochs`."""
+    if table:
+        score = {i: expected_accuracy(table[i], e) for i, _, _, e in options}
+        return max(options, key=lambda o: (score[o[0]], -o[0])), score
+    fits = [o for o in options if o[3] >= min_epochs]
+    return (fits[-1] if fits else options[0]), {}
 
 
 def _views(tta: int) -> int:
