@@ -287,3 +287,30 @@ def test_pretrained_flag_mistakes_are_one_line_errors(tiny_folder, tmp_path, arg
     assert code == 2
     assert message in err[-1] and err[-1].startswith("cifarlab: error:")
     assert "Traceback" not in "\n".join(err)
+
+
+PRETRAINED_RECIPES = [
+    n for n in config.recipe_names() if config.load_recipe(n)["model"]["name"] == "timm"
+]
+
+
+@pytest.mark.parametrize("name", PRETRAINED_RECIPES)
+def test_every_shipped_backbone_recipe_builds_and_answers(name):
+    """Each backbone recipe's network builds (random init: no download) at its input size and
+    gives one logit per class; the backbone recipes of the seed's next steps are among them."""
+    spec = {**config.load_recipe(name)["model"], "pretrained_source": "none"}
+    model, pre = build_model(spec, 10, 32)
+    size = int(pre["input_size"])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 3, size, size)).shape == (2, 10)
+
+
+def test_backbone_recipes_of_the_seeds_next_steps_are_shipped():
+    want = {"efficientnet-b0-transfer", "densenet121-transfer", "mobilenetv2-transfer"}
+    assert want | {"lite1-transfer", "lite2-transfer"} <= set(PRETRAINED_RECIPES)
+
+
+def test_stochastic_depth_on_a_backbone_without_it_is_a_user_error():
+    spec = {"name": "timm", "arch": "densenet121", "pretrained_source": "none", "drop_path": 0.1}
+    with pytest.raises(UserError, match="densenet121 has no stochastic depth"):
+        build_model(spec, 10, 32)

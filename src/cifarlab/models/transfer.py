@@ -183,13 +183,22 @@ def build_transfer(
     source = args.get("pretrained_source") or "auto"
     cfg = preprocess_config(arch, source)
     size = cfg["input_size"][-1] if input_size in (None, "auto") else int(input_size)
-    backbone = timm.create_model(  # dropout belongs to the head: none inside the backbone
-        arch,
-        pretrained=False,
-        num_classes=0,
-        drop_rate=0.0,
-        drop_path_rate=float(args.get("drop_path") or 0),
-    )
+    drop_path = float(args.get("drop_path") or 0)
+    try:  # dropout belongs to the head: none inside the backbone
+        backbone = timm.create_model(
+            arch,
+            pretrained=False,
+            num_classes=0,
+            drop_rate=0.0,
+            **({"drop_path_rate": drop_path} if drop_path else {}),  # not every arch has it
+        )
+    except TypeError as e:
+        if "drop_path_rate" not in str(e):
+            raise
+        raise UserError(
+            f"model.drop_path: {arch} has no stochastic depth (timm's drop_path_rate); "
+            "set model.drop_path: 0"
+        ) from None
     head = dense_head(
         backbone.num_features,
         list(args.get("head") or []),
