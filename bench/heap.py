@@ -1,7 +1,9 @@
 """Training steps of a recipe's model with glibc's default malloc against heap.reuse_freed_memory
 (what training uses). Each measurement is its own process, the two settings alternating, so
 machine noise hits both alike; page faults per step from getrusage.
-Usage: python bench/heap.py [RECIPE] [ROUNDS]"""
+Usage: python bench/heap.py [RECIPE] [ROUNDS]
+       python bench/heap.py --predict CHECKPOINT [ROUNDS]   (inference: Predictor.probs,
+       batches of 64 uint8 images, what `cifarlab predict/evaluate/serve` run; heap-predict.json)"""
 
 import contextlib
 import json
@@ -50,16 +52,39 @@ def one(recipe_name: str, reuse: bool, warmup: int = 3, steps: int = 6) -> dict:
     return {"images_per_s": steps * batch / seconds, "page_faults_per_step": faults / steps}
 
 
-def main(recipe_name: str, rounds: int) -> dict:
+def one_predict(ckpt: str, reuse: bool, seconds: float = 2.0) -> dict:
+    """Images/s and page faults per batch of a checkpoint's Predictor in this process."""
+    import numpy as np
+
+    from cifarlab.core.heap import reuse_freed_memory
+    from cifarlab.deploy.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    size = predictor.image_size
+    batch = np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    with reuse_freed_memory() if reuse else contextlib.nullcontext():
+        for _ in range(3):
+            predictor.probs(batch)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            predictor.probs(batch)
+            done += 1
+        elapsed = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"images_per_s": done * len(batch) / elapsed, "page_faults_per_batch": faults / done}
+
+
+def main(recipe_name: str, rounds: int, mode: str = "--one") -> dict:
     runs = {"glibc default": [], "reuse_freed_memory": []}
     for _ in range(rounds):
         for name in runs:
-            command = [sys.executable, __file__, "--one", recipe_name, str(name != "glibc default")]
+            command = [sys.executable, __file__, mode, recipe_name, str(name != "glibc default")]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(output))
     median = {k: statistics.median(r["images_per_s"] for r in v) for k, v in runs.items()}
     return {
-        "recipe": recipe_name,
+        "recipe_or_checkpoint": recipe_name,
         "runs": runs,
         "median_images_per_s": median,
         "speedup": median["reuse_freed_memory"] / median["glibc default"],
@@ -70,5 +95,10 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--one"]:
         print(json.dumps(one(args[1], args[2] == "True")))
+    elif args[:1] == ["--one-predict"]:
+        print(json.dumps(one_predict(args[1], args[2] == "True")))
+    elif args[:1] == ["--predict"]:
+        rounds = int(args[2]) if len(args) > 2 else 4
+        save("heap-predict", main(args[1], rounds, mode="--one-predict"))
     else:
         save("heap", main(args[0] if args else "fast", int(args[1]) if len(args) > 1 else 4))
