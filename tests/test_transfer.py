@@ -150,6 +150,7 @@ def head_recipe(tmp_path, name="cached", cache=True, views=1, phases=""):
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"name: {name}\n"
+        "precision: fp32\nmemory_format: contiguous\n"  # pinned: each run would measure its own
         f"model: {{name: timm, arch: {ARCH}, pretrained_source: none, input_size: 32, "
         "head: [16], dropout: 0.1}\n"
         "data: {val_fraction: 0.25}\n"

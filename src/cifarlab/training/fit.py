@@ -93,6 +93,9 @@ def fit(
     except RuntimeError as e:
         if not distributed.lost_peer(e):
             raise
+        if CTRL_C.asked:  # Ctrl-C held in a step whose peer stopped first on the same Ctrl-C
+            CTRL_C.asked = False
+            raise Interrupted(interrupted_message(run, existed)) from None
         raise RunFailed(
             f"rank {world.rank}: another process of this run stopped; "
             + interrupted_message(run, existed).removeprefix("interrupted; ")
