@@ -7,7 +7,7 @@ cache's approximation costs come from one run of this script on one machine.
 Usage: python bench/distill.py --teacher RUN_DIR [--data PATH] [--epochs 8] [--seed 0]
        [--set KEY=VALUE ...]   (student settings; default: the half-width size of `fast`)
 
-Writes bench/results/distill.json. Each variant is its own `cifarlab train` run under a
+Writes bench/results/distill-<EPOCHS>ep.json. Each variant is its own `cifarlab train` run under a
 temporary folder; the teacher's logits cache lives in $CIFARLAB_HOME (a rerun reads it: pass
 a fresh CIFARLAB_HOME to time its computation again).
 """
@@ -73,7 +73,10 @@ def main() -> None:
     for r in rows[1:]:
         r["gain_points"] = round(100 * (r["val_accuracy_tta"] - plain["val_accuracy_tta"]), 2)
         r["time_ratio"] = round(r["train_seconds"] / plain["train_seconds"], 3)
-    save("distill", {"teacher": teacher, "student": student, "epochs": args.epochs, "rows": rows})
+    save(
+        f"distill-{args.epochs}ep",
+        {"teacher": teacher, "student": student, "epochs": args.epochs, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

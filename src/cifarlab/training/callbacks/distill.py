@@ -15,8 +15,9 @@ Frozen-backbone phases on cached features are not distilled (their batches are f
 training image and orientation (plain and mirrored: 2 forward passes an image, before training,
 stored under $CIFARLAB_HOME/teacher-logits by a hash of the teacher file, the images and the
 precision, so the next run with the same teacher and data reads them), and each step looks its
-rows up by image and flip. Exact for flips; under shifts and cutout the teacher's answer is that
-for the whole, unshifted image. Augmentations that change an image more (rotation, zoom,
+rows up by image and flip. Exact for flips (where the student trains at the stored image size;
+a student that resizes its input showed the live teacher a resized copy); under shifts and
+cutout the teacher's answer is that for the whole, unshifted image. Augmentations that change an image more (rotation, zoom,
 brightness, contrast, MixUp, CutMix) are refused with the cache.
 """
 
