@@ -300,3 +300,26 @@ def test_a_budget_too_small_to_train_says_so_before_training(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "affords" in err and "training steps" in err and "larger --budget" in err
     assert not (tmp_path / "run").exists()  # nothing half-written left behind
+
+
+def test_replan_after_a_cached_head_phase_keeps_the_backbone_phases_planned_rate():
+    """A head epoch on cached features takes a second where the plan may have guessed more or
+    less; that says nothing of the fine-tuning phase, which runs the backbone."""
+    from cifarlab.training.budget import MARGIN, Plan
+
+    recipe = cifarlab.config.resolve(
+        {"phases": [{"name": "head", "epochs": 5}, {"name": "tune", "epochs": 3}]}
+    )
+    plan = Plan({}, budget_s=1000.0, epoch_seconds=[0.5, 100.0], final_s=10.0, resized=False)
+    rows = [
+        {"phase": "head", "seconds": 50.0},
+        {"phase": "head", "seconds": 1.0},
+    ]  # cache, then 1 s
+    new, steps = plan.replan(recipe, 0, 2, 10, rows, 52.0, print, one_off_first=True, cached=True)
+    head, tune = cifarlab.config.phases(new)
+    assert steps == 50 and head.epochs == 5  # the cached phase keeps its length
+    room = 1000 * (1 - MARGIN) - 52.0 - 10.0
+    assert tune.epochs * 100.0 + 3 * 1.0 == pytest.approx(room, rel=0.01)  # tune fills the room
+    # taken as a rate for every phase, the head's 2x would have halved the tune phase
+    new, _ = plan.replan(recipe, 0, 2, 10, rows, 52.0, print, one_off_first=True)
+    assert cifarlab.config.phases(new)[1].epochs < 0.6 * tune.epochs

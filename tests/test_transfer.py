@@ -3,6 +3,7 @@ two-phase ResNet50 recipe end to end (shrunk: resnet18 at 32 px, one epoch per p
 
 import csv
 import json
+import time
 
 import numpy as np
 import pytest
@@ -315,3 +316,25 @@ def test_stochastic_depth_on_a_backbone_without_it_is_a_user_error():
     spec = {"name": "timm", "arch": "densenet121", "pretrained_source": "none", "drop_path": 0.1}
     with pytest.raises(UserError, match="densenet121 has no stochastic depth"):
         build_model(spec, 10, 32)
+
+
+def test_a_budget_plans_a_cached_head_phase_by_its_one_pass_and_holds(
+    tiny_folder, tmp_path, capsys
+):
+    """The head phase costs one backbone pass, then almost nothing an epoch: the plan says so,
+    and the fine-tuning phase gets the rest of the budget without running over it."""
+    phases = (
+        "phases:\n  - {name: head, epochs: 5}\n"
+        "  - {name: tune, freeze: none, epochs: 1, lr: 0.001}\n"
+    )
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    main(["train", "--recipe", str(head_recipe(tmp_path, phases=phases)), "--data",
+          str(tiny_folder), "--out", str(out), "--budget", "12s", "--no-progress", "--no-track"])  # fmt: skip
+    wall = time.perf_counter() - started
+    log = capsys.readouterr().err
+    assert "once for cached features" in log
+    head, tune = config.phases(RunDir(out).recipe())
+    assert head.epochs == 5  # a cached phase keeps its epochs: they add little
+    assert tune.epochs > 1  # the budget stretched the fine-tuning
+    assert wall < 12 * 1.5  # held (the mis-planned cached phase made such runs many times longer)

@@ -123,6 +123,7 @@ RULES: dict[str, Rule] = {
     "data.image_size": integer(8, 1024),
     "data.limit": optional(integer(1)),
     "data.val_fraction": number(0, 0.9, lo_open=True),
+    "data.split_seed": optional(integer(0)),
     "data.skip_bad": BOOL,
     "augment.flip": one_of(True, False, "alternate"),
     "augment.rotate": number(0, 180),

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from cifarlab.core.errors import UserError
+from cifarlab.data.split import split_seed
 from cifarlab.rundir import RunDir
 from cifarlab.track.tracker import DEFAULT_EXPERIMENT, check_server, mlflow_settings, tracking_uri
 
@@ -40,7 +41,13 @@ def split_fingerprint(run: RunDir) -> str:
     """What the run's validation split is made of, as a short hash."""
     recipe, metrics = run.recipe(), run.read_metrics()
     d = recipe["data"]
-    facts = [d["source"], recipe["seed"], d["val_fraction"], d["image_size"], metrics["val"]["n"]]
+    facts = [
+        d["source"],
+        split_seed(recipe),
+        d["val_fraction"],
+        d["image_size"],
+        metrics["val"]["n"],
+    ]
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
 
 

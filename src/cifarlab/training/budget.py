@@ -9,6 +9,7 @@ fractional; the LR schedule is sized to the new length, so it completes instead 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import re
@@ -70,6 +71,25 @@ def time_steps(model, loader, phase: Phase, bf16: bool, steps: int = 2, warmup: 
     return (time.perf_counter() - start) / steps
 
 
+def time_head_step(model, x: torch.Tensor, rows: int, bf16: bool, steps: int = 3) -> float:
+    """Seconds per training step of the head alone on `rows` rows of backbone features (those
+    of batch `x`, repeated): a step of a phase on cached features, on a copy of the model."""
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        feats = model.features(x).float()
+    feats = feats.repeat(math.ceil(rows / len(x)), 1)[:rows]
+    head = model.head.train().requires_grad_(True)
+    opt = torch.optim.SGD(head.parameters(), lr=0.0)
+    y = torch.zeros(rows, dtype=torch.long, device=x.device)
+    train_step(head, opt, feats, y, bf16)
+    _sync(x.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(head, opt, feats, y, bf16)
+    _sync(x.device)
+    return (time.perf_counter() - start) / steps
+
+
 @torch.no_grad()
 def time_eval(model, x: torch.Tensor, bf16: bool, batches: int = 1) -> float:
     """Seconds per forward pass of batch `x` in eval mode, on a copy of the model."""
@@ -114,6 +134,62 @@ def with_size(recipe: dict, size: dict) -> dict:
     return schema.validate(sized)
 
 
+@dataclasses.dataclass
+class Cost:
+    """What a size of the recipe costs on this machine: seconds per epoch of each phase, the
+    final scoring, and the one-off backbone passes of phases on cached features (`cached`).
+    The budget stretches the phases that run the backbone; a phase on cached features keeps
+    its epochs (each costs next to nothing, and more of them add little), unless it is all there is."""
+
+    seconds: list[float]
+    final_s: float
+    one_off_s: float
+    cached: list[bool]
+
+    def kept(self) -> list[bool]:
+        """Which phases keep their epochs: the cached ones, unless every phase is."""
+        return [c and not all(self.cached) for c in self.cached]
+
+    def each(self, factor: float) -> list[float]:
+        """The factor for each phase's epochs."""
+        return [1.0 if k else factor for k in self.kept()]
+
+    def factor(self, phases: list[Phase], available_s: float, strict: bool = True) -> float:
+        """The factor by which to multiply the stretched phases' epochs to fill `available_s`
+        (`strict`: a budget too small for anything is an error, else a factor of 0)."""
+        kept = self.kept()
+        fixed = self.final_s + self.one_off_s
+        fixed += sum(p.epochs * s for p, s, k in zip(phases, self.seconds, kept, strict=True) if k)
+        stretched = [(p, s) for p, s, k in zip(phases, self.seconds, kept, strict=True) if not k]
+        if not strict:
+            planned = sum(p.epochs * s for p, s in stretched)
+            return max(0.0, available_s - fixed) / planned if planned > 0 else 0.0
+        return scale_epochs(
+            [p for p, _ in stretched], [s for _, s in stretched], fixed, available_s
+        )
+
+    def describe(self) -> str:
+        """Per-epoch seconds (and the one-off cache) for the plan's line."""
+        once = f" (+ {self.one_off_s:.0f}s once for cached features)" if any(self.cached) else ""
+        return f"{', '.join(f'{s:.1f}s' for s in self.seconds)} per epoch{once}"
+
+    def apply(self, recipe: dict, factor: float) -> dict:
+        """A copy of the recipe with each phase's epochs (and warm-up, keeping its share)
+        multiplied by its factor."""
+        for n, (p, f) in enumerate(zip(config.phases(recipe), self.each(factor), strict=True)):
+            keys = {"epochs": round(p.epochs * f, 3)}
+            if p.warmup_epochs:
+                keys["warmup_epochs"] = round(p.warmup_epochs * f, 3)
+            recipe = config.with_phase_keys(recipe, n, **keys)
+        return recipe
+
+    def epochs(self, phases: list[Phase], factor: float) -> float:
+        """The stretched phases' epochs that `factor` gives: what `budget.accuracy` is indexed
+        by (a two-phase transfer recipe: its fine-tuning epochs)."""
+        kept = self.kept()
+        return sum(p.epochs * factor for p, k in zip(phases, kept, strict=True) if not k)
+
+
 class Plan:
     """What `plan` decided (`recipe`: the recipe with the chosen size and epochs), kept to
     correct it with the epochs as they are really timed."""
@@ -142,6 +218,7 @@ class Plan:
         elapsed_s: float,
         log,
         one_off_first: bool = False,
+        cached: bool = False,
     ) -> tuple[dict, int]:
         """After an epoch of phase `phase`: rescale what is left of every phase by the ratio of
         the measured to the planned epoch time, so that the run still ends on time. Returns a
@@ -149,6 +226,8 @@ class Plan:
         finished, so the LR schedule never jumps back up). A warm-up still under way keeps its
         share of the phase. `one_off_first`: the phase's first epoch held one-time costs
         (torch.compile, a feature cache), so its time counts as spent but not as a rate.
+        `cached`: the phase trains on cached features: it keeps its length, and its rate says
+        nothing of the later phases' (they run the backbone), which keep their planned rates.
         An epoch's time is the wall time since the last re-plan (checkpoints and logs included:
         on a GPU they are a large part of a short epoch), else its `seconds` in `history`."""
         if self._last is not None and self._last[:2] == (phase, epochs_done - 1):
@@ -168,10 +247,16 @@ class Plan:
         measured = recent[len(recent) // 2] if recent else self.epoch_seconds[phase]
         ratio = measured / self.epoch_seconds[phase]
         left = [phases[phase].epochs - epochs_done] + [p.epochs for p in phases[phase + 1 :]]
-        need = sum(n * s * ratio for n, s in zip(left, self.epoch_seconds[phase:], strict=True))
+        own = left[0] * self.epoch_seconds[phase] * ratio
+        later = sum(n * s for n, s in zip(left[1:], self.epoch_seconds[phase + 1 :], strict=True))
         room = self.budget_s * (1 - MARGIN) - elapsed_s - self.final_s
+        keep = cached and later > 0  # a cached phase keeps its length, as `Cost` plans it
+        if keep:
+            room, need = room - own, later
+        else:
+            need = own + later * ratio
         factor = max(0.0, room) / need if need > 0 else 1.0
-        new_epochs = epochs_done + left[0] * factor
+        new_epochs = epochs_done + left[0] * (1.0 if keep else factor)
         steps = max(done_steps + 1, round(new_epochs * steps_per_epoch))
         new = config.with_phase_keys(recipe, phase, epochs=round(steps / steps_per_epoch, 3))
         warmup = phases[phase].warmup_epochs
@@ -181,7 +266,10 @@ class Plan:
                 new, phase, warmup_epochs=round(max(epochs_done, warmup * stretch), 3)
             )
         for i in range(phase + 1, len(phases)):
-            new = config.with_phase_keys(new, i, epochs=round(phases[i].epochs * factor, 3))
+            keys = {"epochs": round(phases[i].epochs * factor, 3)}
+            if phases[i].warmup_epochs:  # keeps its share of the phase
+                keys["warmup_epochs"] = round(phases[i].warmup_epochs * factor, 3)
+            new = config.with_phase_keys(new, i, **keys)
         if abs(steps - horizon) > 0.01 * horizon:
             log(
                 f"budget: epochs take {measured:.1f}s, not {self.epoch_seconds[phase]:.1f}s; "
@@ -251,25 +339,32 @@ def plan(
     val_batch = next(val_loader.epoch())[0]
     probe = probe_batch(val_loader.input_size, len(val_batch))
 
-    def cost(candidate, phases) -> tuple[list[float], float]:
+    def cost(candidate, phases) -> Cost:
         t_eval = time_eval(candidate, val_batch[:probe], bf16) * len(val_batch) / probe
         evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
-        seconds = []
+        seconds, cached, one_off = [], [], 0.0
         for phase in phases:
-            batch = phase.batch_size
+            batch, loader = phase.batch_size, loader_for(phase)
             small = probe_batch(val_loader.input_size, batch)
+            cached.append(feature_cache.applies(candidate, phase))
+            if cached[-1]:
+                # the backbone once over every view and validation image, then head steps
+                images = len(loader.labels) * phase.feature_views + len(val_loader.labels)
+                one_off += t_eval / len(val_batch) * images / distributed.world().size
+                step = time_head_step(candidate, val_batch[:small], batch, bf16)
+                seconds.append(step * (len(loader) + evals))  # validation: the head on features
+                continue
             step = time_steps(candidate, loader_for(phase, small), phase, bf16) * batch / small
-            if not feature_cache.applies(candidate, phase):
-                step += per_image_s * batch / distributed.world().size  # this process's rows
-            seconds.append(step * len(loader_for(phase)) + t_eval * evals)
-        return seconds, final + t_eval * len(val_loader) * _views(tta)
+            step += per_image_s * batch / distributed.world().size  # this process's rows
+            seconds.append(step * len(loader) + t_eval * evals)
+        return Cost(seconds, final + t_eval * len(val_loader) * _views(tta), one_off, cached)
 
     sizes = recipe["budget"]["sizes"] or [{}]
     table = recipe["budget"]["accuracy"]
     for size in sizes:
         with_size(recipe, size)  # a bad key fails before any timing
-    timed: dict[str, tuple[list[float], float]] = {}
-    options, skipped, last_cost = [], [], 0.0  # options: (size, epoch s, fixed s, epochs)
+    timed: dict[str, Cost] = {}
+    options, skipped, last_cost = [], [], 0.0  # options: (size, Cost, epochs)
     for i, size in enumerate(sizes):
         sized = with_size(recipe, size)
         key = repr(sized["model"])
@@ -282,54 +377,46 @@ def plan(
             same = sized["model"] == recipe["model"]
             timed[key] = cost(model if same else build(sized["model"]), config.phases(sized))
             last_cost = time.perf_counter() - t0
-        seconds, fixed = timed[key]
         phases = config.phases(sized)
-        room = budget_s * (1 - MARGIN) - elapsed_s() - fixed
-        planned = sum(p.epochs * s for p, s in zip(phases, seconds, strict=True))
-        epochs = sum(p.epochs for p in phases) * max(0.0, room) / planned
-        options.append((i, seconds, fixed, epochs))
+        factor = timed[key].factor(phases, budget_s * (1 - MARGIN) - elapsed_s(), strict=False)
+        options.append((i, timed[key], timed[key].epochs(phases, factor)))
     if skipped:
         log(f"budget: sizes {skipped} not timed: the start-up allowance was spent")
-    chosen, score = choose(options, table, float(recipe["budget"]["min_epochs"]))
-    i, epoch_seconds, fixed, _ = chosen
+    (i, chosen, _), score = choose(options, table, float(recipe["budget"]["min_epochs"]))
     sized = with_size(recipe, sizes[i]) if sizes[i] else copy.deepcopy(recipe)
     phases = config.phases(sized)
-    factor = scale_epochs(phases, epoch_seconds, fixed, budget_s * (1 - MARGIN) - elapsed_s())
-    steps = sum(p.epochs * factor * len(loader_for(p)) for p in phases)
+    factor = chosen.factor(phases, budget_s * (1 - MARGIN) - elapsed_s())
+    sized = chosen.apply(sized, factor)
+    steps = sum(p.epochs * len(loader_for(p)) for p in config.phases(sized))
     if steps < 10:
         raise UserError(
             f"a budget of {budget_s:.0f}s affords {steps:.1f} training steps of "
-            f"{recipe['name']} on this machine (one epoch: {sum(epoch_seconds):.0f}s); "
+            f"{recipe['name']} on this machine (one epoch: {sum(chosen.seconds):.0f}s); "
             "give a larger --budget"
         )
-    for section in [sized["train"], *sized["phases"]]:
-        for key in ("epochs", "warmup_epochs"):
-            if key in section:
-                section[key] = round(float(section[key]) * factor, 3)
-    planned = [round(p.epochs * factor, 2) for p in phases]
     if len(sizes) > 1:
         log("budget: sizes " + "; ".join(
-            f"{n + 1}) {sum(s):.1f}s/epoch, {e:.1f} epochs"
+            f"{n + 1}) {sum(c.seconds):.1f}s/epoch, {e:.1f} epochs"
             + (f", expect {score[n]:.1%}" if score else "")
-            for n, s, _, e in options
+            for n, c, e in options
         ))  # fmt: skip
     size_note = f"; size {i + 1} of {len(sizes)}: {sizes[i]}" if len(sizes) > 1 else ""
     log(
         f"budget {budget_s:.0f}s: planned in {time.perf_counter() - started:.1f}s, "
-        f"{', '.join(f'{s:.1f}s' for s in epoch_seconds)} per epoch; "
-        f"training {' + '.join(map(str, planned))} epochs{size_note}"
+        f"{chosen.describe()}; training "
+        f"{' + '.join(str(round(p.epochs, 2)) for p in config.phases(sized))} epochs{size_note}"
     )
-    return Plan(sized, budget_s, epoch_seconds, fixed, bool(sizes[i]))
+    return Plan(sized, budget_s, chosen.seconds, chosen.final_s, bool(sizes[i]))
 
 
 def choose(options: list, table: list, min_epochs: float) -> tuple[tuple, dict[int, float]]:
-    """The planned size among `options` (size, epoch seconds, fixed seconds, epochs) and each
-    size's expected accuracy: the best expectation from the measured `table`; without one, the
-    largest (sizes go from small to large) that still trains `min_epochs`."""
+    """The planned size among `options` (size, cost, epochs) and each size's expected accuracy:
+    the best expectation from the measured `table`; without one, the largest (sizes go from
+    small to large) that still trains `min_epochs`."""
     if table:
-        score = {i: expected_accuracy(table[i], e) for i, _, _, e in options}
+        score = {i: expected_accuracy(table[i], e) for i, _, e in options}
         return max(options, key=lambda o: (score[o[0]], -o[0])), score
-    fits = [o for o in options if o[3] >= min_epochs]
+    fits = [o for o in options if o[2] >= min_epochs]
     return (fits[-1] if fits else options[0]), {}
 
 
