@@ -26,3 +26,13 @@ def test_training_buffers_are_reused_without_page_faults():
             pass
         assert page_faults(5) < 32
     assert page_faults(5) >= 5 * 32  # glibc's behaviour is back after the block
+
+
+def test_the_api_offers_the_setting_and_does_not_impose_it():
+    import cifarlab
+
+    assert cifarlab.reuse_freed_memory is reuse_freed_memory
+    assert page_faults(5) >= 5 * 32  # importing or using the API leaves malloc as it was
+    with cifarlab.reuse_freed_memory():
+        page_faults(20)
+        assert page_faults(5) < 32
