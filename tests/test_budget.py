@@ -277,9 +277,17 @@ def test_planning_stops_timing_sizes_once_its_allowance_is_spent(monkeypatch):
     logged = []
     built = []
     started = time.perf_counter()
+
+    def loader_for(phase, batch=None):
+        return Loader()
+
+    def build(cfg):  # another size: (model, preprocess, loader_for, val_loader)
+        built.append(cfg)
+        return torch.nn.Linear(1, 1), None, loader_for, Loader(2)
+
     budget.plan(
-        recipe, torch.nn.Linear(1, 1), lambda phase, batch=None: Loader(), Loader(2), False,
-        600.0, lambda: 0.0, logged.append, build=lambda cfg: built.append(cfg) or cfg,
+        recipe, torch.nn.Linear(1, 1), loader_for, Loader(2), False,
+        600.0, lambda: 0.0, logged.append, build=build,
     )  # fmt: skip
     # 0.3 s spent, 1.5 x 0.3 s more would pass the 0.5 s allowed: one size timed, no more
     assert len(timed) == 1 < len(recipe["budget"]["sizes"])
@@ -305,21 +313,38 @@ def test_a_budget_too_small_to_train_says_so_before_training(
 def test_replan_after_a_cached_head_phase_keeps_the_backbone_phases_planned_rate():
     """A head epoch on cached features takes a second where the plan may have guessed more or
     less; that says nothing of the fine-tuning phase, which runs the backbone."""
-    from cifarlab.training.budget import MARGIN, Plan
+    from cifarlab.training.budget import MARGIN, Cost, Plan
 
     recipe = cifarlab.config.resolve(
         {"phases": [{"name": "head", "epochs": 5}, {"name": "tune", "epochs": 3}]}
     )
-    plan = Plan({}, budget_s=1000.0, epoch_seconds=[0.5, 100.0], final_s=10.0, resized=False)
+    cost = Cost([0.5, 100.0], 10.0, [50.0, 0.0], [True, False])
+    plan = Plan({}, 1000.0, cost.seconds, cost.final_s, resized=False, cost=cost)
     rows = [
         {"phase": "head", "seconds": 50.0},
         {"phase": "head", "seconds": 1.0},
     ]  # cache, then 1 s
-    new, steps = plan.replan(recipe, 0, 2, 10, rows, 52.0, print, one_off_first=True, cached=True)
+    new, steps = plan.replan(recipe, 0, 2, 10, rows, 52.0, print, one_off_first=True)
     head, tune = cifarlab.config.phases(new)
     assert steps == 50 and head.epochs == 5  # the cached phase keeps its length
     room = 1000 * (1 - MARGIN) - 52.0 - 10.0
     assert tune.epochs * 100.0 + 3 * 1.0 == pytest.approx(room, rel=0.01)  # tune fills the room
-    # taken as a rate for every phase, the head's 2x would have halved the tune phase
-    new, _ = plan.replan(recipe, 0, 2, 10, rows, 52.0, print, one_off_first=True)
+    # without the Cost, the head's 2x would be taken as every phase's rate: tune halved
+    new, _ = Plan({}, 1000.0, cost.seconds, 10.0, False).replan(recipe, 0, 2, 10, rows, 52.0, print)
     assert cifarlab.config.phases(new)[1].epochs < 0.6 * tune.epochs
+
+
+def test_replan_of_a_backbone_phase_reserves_a_later_cached_phase_and_leaves_it_alone():
+    from cifarlab.training.budget import MARGIN, Cost, Plan
+
+    recipe = cifarlab.config.resolve(
+        {"phases": [{"name": "tune", "epochs": 3}, {"name": "head", "epochs": 5}]}
+    )
+    cost = Cost([100.0, 0.5], 10.0, [0.0, 40.0], [False, True])
+    plan = Plan({}, 1000.0, cost.seconds, cost.final_s, resized=False, cost=cost)
+    rows = [{"phase": "tune", "seconds": 200.0}]  # twice as slow as planned
+    new, steps = plan.replan(recipe, 0, 1, 10, rows, 210.0, print)
+    tune, head = cifarlab.config.phases(new)
+    assert head.epochs == 5  # not stretched, and not slowed by the backbone's rate
+    room = 1000 * (1 - MARGIN) - 210.0 - 10.0 - 40.0 - 5 * 0.5  # its cache pass is reserved
+    assert (tune.epochs - 1) * 200.0 == pytest.approx(room, abs=20.0)  # to a step (of 10 an epoch)

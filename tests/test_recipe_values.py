@@ -140,3 +140,14 @@ def test_fewer_epochs_keep_the_warmups_share_of_the_schedule():
     lite = config.load_recipe("lite0-transfer", {"train.epochs": 6, "*phases.epochs": 6})
     assert lite["phases"][1]["warmup_epochs"] == pytest.approx(0.2)  # 0.1 of 3 -> 0.2 of 6
     assert "warmup_epochs" not in lite["phases"][0]  # a phase without a warm-up gets none
+
+
+def test_the_recipe_list_keeps_every_name_apart_from_its_summary(capsys):
+    from cifarlab import config
+    from cifarlab.cli import main
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in config.recipe_names():  # e.g. densenet121-transfer ran into its summary
+        line = next(x for x in lines if x.startswith(name + " "))
+        assert line[len(name) : len(name) + 2] == "  ", line

@@ -455,13 +455,15 @@ def cmd_recipes(args) -> None:
         print(text, end="")
         return
     width = max(60, min(shutil.get_terminal_size((100, 20)).columns, 120))
-    for recipe_name in config.recipe_names():
+    names = config.recipe_names()
+    column = max(map(len, names)) + 2  # every name apart from its summary
+    for recipe_name in names:
         recipe = config.load_recipe(recipe_name)
         text = " ".join(str(recipe["summary"] or recipe["description"]).split())
-        lines = textwrap.wrap(text, width - 20, break_long_words=False) or [""]
-        print(f"{recipe_name:<20}{lines[0]}")
+        lines = textwrap.wrap(text, width - column, break_long_words=False) or [""]
+        print(f"{recipe_name:<{column}}{lines[0]}")
         for line in lines[1:]:
-            print(" " * 20 + line)
+            print(" " * column + line)
     print("\nshow one in full: cifarlab recipes NAME   (every key: cifarlab recipes defaults)")
 
 

@@ -2,8 +2,9 @@
 
 `--budget 15m` times a few real training and validation steps (on a copy of the model, so the
 run itself is untouched), then scales every phase's epochs by one factor so that the whole run
-(start-up, training, per-epoch validation, final scoring) ends within the budget. Epochs may be
-fractional; the LR schedule is sized to the new length, so it completes instead of being cut off.
+(start-up, training, per-epoch validation, final scoring) ends within the budget; a head phase on
+cached features costs one backbone pass and keeps its epochs (`Cost`). Epochs may be fractional;
+the LR schedule is sized to the new length, so it completes instead of being cut off.
 """
 
 from __future__ import annotations
@@ -143,8 +144,12 @@ class Cost:
 
     seconds: list[float]
     final_s: float
-    one_off_s: float
+    one_off: list[float]  # per phase: its feature cache's backbone pass (0 for the others)
     cached: list[bool]
+
+    @property
+    def one_off_s(self) -> float:
+        return sum(self.one_off)
 
     def kept(self) -> list[bool]:
         """Which phases keep their epochs: the cached ones, unless every phase is."""
@@ -201,10 +206,13 @@ class Plan:
         epoch_seconds: list[float],
         final_s: float,
         resized: bool,
+        cost: Cost | None = None,
     ):
         self.recipe = recipe
         self.budget_s, self.epoch_seconds, self.final_s = budget_s, epoch_seconds, final_s
         self.resized = resized  # another size of the recipe was chosen
+        n = len(epoch_seconds)  # without a Cost: no phase on cached features
+        self.cost = cost or Cost(epoch_seconds, final_s, [0.0] * n, [False] * n)
         self.walls: dict[tuple[int, int], float] = {}  # (phase, epoch): seconds between re-plans
         self._last: tuple[int, int, float] | None = None
 
@@ -218,7 +226,6 @@ class Plan:
         elapsed_s: float,
         log,
         one_off_first: bool = False,
-        cached: bool = False,
     ) -> tuple[dict, int]:
         """After an epoch of phase `phase`: rescale what is left of every phase by the ratio of
         the measured to the planned epoch time, so that the run still ends on time. Returns a
@@ -226,8 +233,9 @@ class Plan:
         finished, so the LR schedule never jumps back up). A warm-up still under way keeps its
         share of the phase. `one_off_first`: the phase's first epoch held one-time costs
         (torch.compile, a feature cache), so its time counts as spent but not as a rate.
-        `cached`: the phase trains on cached features: it keeps its length, and its rate says
-        nothing of the later phases' (they run the backbone), which keep their planned rates.
+        Phases on cached features keep their length (`Cost.kept`) and cost what was planned,
+        one-off pass included; a cached phase's measured rate says nothing of the backbone
+        phases' (those after it keep their planned rates), nor theirs of a cached phase's.
         An epoch's time is the wall time since the last re-plan (checkpoints and logs included:
         on a GPU they are a large part of a short epoch), else its `seconds` in `history`."""
         if self._last is not None and self._last[:2] == (phase, epochs_done - 1):
@@ -247,16 +255,17 @@ class Plan:
         measured = recent[len(recent) // 2] if recent else self.epoch_seconds[phase]
         ratio = measured / self.epoch_seconds[phase]
         left = [phases[phase].epochs - epochs_done] + [p.epochs for p in phases[phase + 1 :]]
+        kept = self.cost.kept()
         own = left[0] * self.epoch_seconds[phase] * ratio
-        later = sum(n * s for n, s in zip(left[1:], self.epoch_seconds[phase + 1 :], strict=True))
-        room = self.budget_s * (1 - MARGIN) - elapsed_s - self.final_s
-        keep = cached and later > 0  # a cached phase keeps its length, as `Cost` plans it
-        if keep:
-            room, need = room - own, later
-        else:
-            need = own + later * ratio
+        later_rate = 1.0 if kept[phase] else ratio
+        fixed, need = (own, 0.0) if kept[phase] else (0.0, own)
+        for j in range(phase + 1, len(phases)):
+            n, s = left[j - phase], self.epoch_seconds[j]
+            fixed += self.cost.one_off[j] + (n * s if kept[j] else 0.0)
+            need += 0.0 if kept[j] else n * s * later_rate
+        room = self.budget_s * (1 - MARGIN) - elapsed_s - self.final_s - fixed
         factor = max(0.0, room) / need if need > 0 else 1.0
-        new_epochs = epochs_done + left[0] * (1.0 if keep else factor)
+        new_epochs = epochs_done + left[0] * (1.0 if kept[phase] else factor)
         steps = max(done_steps + 1, round(new_epochs * steps_per_epoch))
         new = config.with_phase_keys(recipe, phase, epochs=round(steps / steps_per_epoch, 3))
         warmup = phases[phase].warmup_epochs
@@ -265,8 +274,8 @@ class Plan:
             new = config.with_phase_keys(
                 new, phase, warmup_epochs=round(max(epochs_done, warmup * stretch), 3)
             )
-        for i in range(phase + 1, len(phases)):
-            keys = {"epochs": round(phases[i].epochs * factor, 3)}
+        for i in (i for i in range(phase + 1, len(phases)) if not kept[i]):
+            keys = {"epochs": max(round(phases[i].epochs * factor, 3), 0.001)}  # a step at least
             if phases[i].warmup_epochs:  # keeps its share of the phase
                 keys["warmup_epochs"] = round(phases[i].warmup_epochs * factor, 3)
             new = config.with_phase_keys(new, i, **keys)
@@ -328,30 +337,34 @@ def plan(
     Every size is timed with a few small batches of the run's own data path and step, scaled
     to the real batch; the re-planning after each epoch corrects the estimate. Timing stops once
     the run has spent its overhead allowance (`overhead_s` already went on other start-up).
-    `loader_for(phase, batch=None)` gives a phase's training loader, `build(cfg)` a model (on the
-    device, in the run's memory format) from a model config, `elapsed_s()` the seconds spent so
+    `loader_for(phase, batch=None)` gives a phase's training loader, `build(cfg)` another size's
+    (model on the device in the run's memory format, preprocess, loader_for, val_loader) from a
+    model config (its own input size and normalisation), `elapsed_s()` the seconds spent so
     far; `per_image_s` is what each training image costs on top of the step (a distillation
     teacher's forward pass; not in phases that train on cached features)."""
     started = time.perf_counter()
     deadline = started + overhead_allowance(budget_s) - overhead_s  # the first size is always timed
     final = 5.0  # plots, checkpoints, report
     tta = int(recipe["train"]["eval_tta"])
-    val_batch = next(val_loader.epoch())[0]
-    probe = probe_batch(val_loader.input_size, len(val_batch))
 
-    def cost(candidate, phases) -> Cost:
+    def cost(candidate, loader_for, val_loader, phases) -> Cost:
+        val_batch = next(val_loader.epoch())[0]  # in this size's preprocessing
+        probe = probe_batch(val_loader.input_size, len(val_batch))
         t_eval = time_eval(candidate, val_batch[:probe], bf16) * len(val_batch) / probe
         evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
-        seconds, cached, one_off = [], [], 0.0
+        seconds, cached, one_off = [], [], []
         for phase in phases:
             batch, loader = phase.batch_size, loader_for(phase)
             small = probe_batch(val_loader.input_size, batch)
             cached.append(feature_cache.applies(candidate, phase))
+            one_off.append(0.0)
             if cached[-1]:
-                # the backbone once over every view and validation image, then head steps
-                images = len(loader.labels) * phase.feature_views + len(val_loader.labels)
-                one_off += t_eval / len(val_batch) * images / distributed.world().size
-                step = time_head_step(candidate, val_batch[:small], batch, bf16)
+                # the backbone once over every view and validation image, then head steps; the
+                # validation loader holds this process's share already, the training set not
+                world = distributed.world().size
+                images = len(loader.labels) * phase.feature_views / world + len(val_loader.labels)
+                one_off[-1] = t_eval / len(val_batch) * images
+                step = time_head_step(candidate, val_batch[:small], -(-batch // world), bf16)
                 seconds.append(step * (len(loader) + evals))  # validation: the head on features
                 continue
             step = time_steps(candidate, loader_for(phase, small), phase, bf16) * batch / small
@@ -375,7 +388,8 @@ def plan(
                 continue
             t0 = time.perf_counter()
             same = sized["model"] == recipe["model"]
-            timed[key] = cost(model if same else build(sized["model"]), config.phases(sized))
+            candidate = (model, None, loader_for, val_loader) if same else build(sized["model"])
+            timed[key] = cost(candidate[0], *candidate[2:], config.phases(sized))
             last_cost = time.perf_counter() - t0
         phases = config.phases(sized)
         factor = timed[key].factor(phases, budget_s * (1 - MARGIN) - elapsed_s(), strict=False)
@@ -387,7 +401,11 @@ def plan(
     phases = config.phases(sized)
     factor = chosen.factor(phases, budget_s * (1 - MARGIN) - elapsed_s())
     sized = chosen.apply(sized, factor)
-    steps = sum(p.epochs * len(loader_for(p)) for p in config.phases(sized))
+    steps = sum(  # of the phases the budget stretched
+        p.epochs * len(loader_for(p))
+        for p, k in zip(config.phases(sized), chosen.kept(), strict=True)
+        if not k
+    )
     if steps < 10:
         raise UserError(
             f"a budget of {budget_s:.0f}s affords {steps:.1f} training steps of "
@@ -406,7 +424,7 @@ def plan(
         f"{chosen.describe()}; training "
         f"{' + '.join(str(round(p.epochs, 2)) for p in config.phases(sized))} epochs{size_note}"
     )
-    return Plan(sized, budget_s, chosen.seconds, chosen.final_s, bool(sizes[i]))
+    return Plan(sized, budget_s, chosen.seconds, chosen.final_s, bool(sizes[i]), chosen)
 
 
 def choose(options: list, table: list, min_epochs: float) -> tuple[tuple, dict[int, float]]:

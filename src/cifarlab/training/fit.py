@@ -213,31 +213,46 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         )
         log(f"resuming {run} at {where}")
 
-    eval_kw = dict(device=device, preprocess=preprocess, channels_last=choice.channels_last)
-    val_loader = BatchLoader(distributed.share(val_set), 500, **eval_kw)  # gathered
     aug = [AugmentConfig(**recipe["augment"])]  # the chosen size's, once planned
 
-    def loader_for(phase, batch: int | None = None) -> BatchLoader:
-        batch = batch or phase.batch_size  # the global batch: each process takes its rows
-        if min(batch, len(train_set)) < world.size:
-            raise UserError(
-                f"a batch of {min(batch, len(train_set))} images cannot be shared by "
-                f"{world.size} processes: use a batch size of at least {world.size}"
-            )
-        drop_last = len(train_set) > batch
-        return BatchLoader(
-            train_set, batch, aug=aug[0], shuffle=True, drop_last=drop_last,
-            seed=recipe["seed"], rank=world.rank, world_size=world.size, **eval_kw,
-        )  # fmt: skip
+    def loaders(pre: dict):
+        """(loader_for(phase, batch=None), val_loader) for a model's preprocessing: each size
+        of a recipe may have its own input size and normalisation."""
+        eval_kw = dict(device=device, preprocess=pre, channels_last=choice.channels_last)
 
-    def build(model_cfg: dict) -> torch.nn.Module:
-        built = build_model(model_cfg, len(classes), recipe["data"]["image_size"])[0]
-        return built.to(device, memory_format=memory_format(choice.channels_last))
+        def loader_for(phase, batch: int | None = None) -> BatchLoader:
+            batch = batch or phase.batch_size  # the global batch: each process takes its rows
+            if min(batch, len(train_set)) < world.size:
+                raise UserError(
+                    f"a batch of {min(batch, len(train_set))} images cannot be shared by "
+                    f"{world.size} processes: use a batch size of at least {world.size}"
+                )
+            drop_last = len(train_set) > batch
+            return BatchLoader(
+                train_set, batch, aug=aug[0], shuffle=True, drop_last=drop_last,
+                seed=recipe["seed"], rank=world.rank, world_size=world.size, **eval_kw,
+            )  # fmt: skip
 
+        return loader_for, BatchLoader(distributed.share(val_set), 500, **eval_kw)  # gathered
+
+    def build(model_cfg: dict):
+        """(model, preprocess, loader_for, val_loader) of another size's model config."""
+        built, pre = build_model(model_cfg, len(classes), recipe["data"]["image_size"])
+        pre["image_size"] = recipe["data"]["image_size"]
+        built.to(device, memory_format=memory_format(choice.channels_last))
+        return built, pre, *loaders(pre)
+
+    loader_for, val_loader = loaders(preprocess)
+
+    # the teacher's one-off logits are spent from the budget, not from the planner's start-up
+    # allowance: 141 s of them left a 15-minute budget no time to time more than one size
+    cached_s = 0.0
     if teacher is not None:  # its classes checked before anything is written
         teacher.place(classes, device, preprocess, choice)
         if recipe["distill"]["cache"]:  # before the plan: its one-off cost is spent by then
+            cache_start = time.perf_counter()
             teacher.cache_views(train_set, device)
+            cached_s = time.perf_counter() - cache_start
     plan = None
     if budget_s is not None and not resume:
         if world.main:  # the others wait for its plan (timed on rank 0's share of a batch)
@@ -245,15 +260,17 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
             plan = budget.plan(
                 recipe, model, loader_for, val_loader, choice.bf16, budget_s,
                 lambda: time.perf_counter() - started, log,
-                build=build, overhead_s=time.perf_counter() - loaded, per_image_s=extra,
+                build=build, overhead_s=time.perf_counter() - loaded - cached_s, per_image_s=extra,
             )  # fmt: skip
         planned = distributed.broadcast(
             {"recipe": plan.recipe, "resized": plan.resized} if plan else None
         )
         recipe = plan.recipe if plan else planned["recipe"]
         if planned["resized"]:  # the budget chose another size of the recipe
-            model = build(recipe["model"])
             aug[0] = AugmentConfig(**recipe["augment"])
+            model, preprocess, loader_for, val_loader = build(recipe["model"])
+            if teacher is not None:  # the student's normalisation may have changed
+                teacher.place(classes, device, preprocess, choice)
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
         log(
             f"budget: first training step {time.perf_counter() - loaded:.1f}s after the data loaded"

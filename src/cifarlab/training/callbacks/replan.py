@@ -7,7 +7,6 @@ import time
 
 from cifarlab.core.log import log
 from cifarlab.training.budget import Plan
-from cifarlab.training.callbacks import feature_cache
 from cifarlab.training.events import Callback
 
 
@@ -29,6 +28,5 @@ class Replan(Callback):
             time.perf_counter() - self.started,
             log,
             one_off_first=t.first_epoch_one_off,
-            cached=feature_cache.applies(t.model, t.phase),
         )
         t.replan(recipe, horizon)
