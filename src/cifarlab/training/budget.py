@@ -315,6 +315,37 @@ def expected_accuracy(points: dict, epochs: float) -> float:
     return xs[-1][1]
 
 
+def measure(
+    model, loader_for, val_loader, phases: list[Phase], bf16: bool, tta: int, per_image_s: float
+) -> Cost:
+    """A size's `Cost`: its phases' steps and its validation timed on a few small batches of
+    its own data path (scaled to the real batch and to every batch of an epoch)."""
+    final = 5.0  # plots, checkpoints, report
+    val_batch = next(val_loader.epoch())[0]  # in this size's preprocessing
+    probe = probe_batch(val_loader.input_size, len(val_batch))
+    t_eval = time_eval(model, val_batch[:probe], bf16) * len(val_batch) / probe
+    evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
+    world = distributed.world().size
+    seconds, cached, one_off = [], [], []
+    for phase in phases:
+        batch, loader = phase.batch_size, loader_for(phase)
+        small = probe_batch(val_loader.input_size, batch)
+        cached.append(feature_cache.applies(model, phase))
+        one_off.append(0.0)
+        if cached[-1]:
+            # the backbone once over every view and validation image, then head steps; the
+            # validation loader holds this process's share already, the training set not
+            images = len(loader.labels) * phase.feature_views / world + len(val_loader.labels)
+            one_off[-1] = t_eval / len(val_batch) * images
+            step = time_head_step(model, val_batch[:small], -(-batch // world), bf16)
+            seconds.append(step * (len(loader) + evals))  # validation: the head on features
+            continue
+        step = time_steps(model, loader_for(phase, small), phase, bf16) * batch / small
+        step += per_image_s * batch / world  # this process's rows
+        seconds.append(step * len(loader) + t_eval * evals)
+    return Cost(seconds, final + t_eval * len(val_loader) * _views(tta), one_off, cached)
+
+
 def plan(
     recipe: dict,
     model,
@@ -344,33 +375,7 @@ def plan(
     teacher's forward pass; not in phases that train on cached features)."""
     started = time.perf_counter()
     deadline = started + overhead_allowance(budget_s) - overhead_s  # the first size is always timed
-    final = 5.0  # plots, checkpoints, report
     tta = int(recipe["train"]["eval_tta"])
-
-    def cost(candidate, loader_for, val_loader, phases) -> Cost:
-        val_batch = next(val_loader.epoch())[0]  # in this size's preprocessing
-        probe = probe_batch(val_loader.input_size, len(val_batch))
-        t_eval = time_eval(candidate, val_batch[:probe], bf16) * len(val_batch) / probe
-        evals = len(val_loader)  # per-epoch validation is plain; TTA only in the final scoring
-        seconds, cached, one_off = [], [], []
-        for phase in phases:
-            batch, loader = phase.batch_size, loader_for(phase)
-            small = probe_batch(val_loader.input_size, batch)
-            cached.append(feature_cache.applies(candidate, phase))
-            one_off.append(0.0)
-            if cached[-1]:
-                # the backbone once over every view and validation image, then head steps; the
-                # validation loader holds this process's share already, the training set not
-                world = distributed.world().size
-                images = len(loader.labels) * phase.feature_views / world + len(val_loader.labels)
-                one_off[-1] = t_eval / len(val_batch) * images
-                step = time_head_step(candidate, val_batch[:small], -(-batch // world), bf16)
-                seconds.append(step * (len(loader) + evals))  # validation: the head on features
-                continue
-            step = time_steps(candidate, loader_for(phase, small), phase, bf16) * batch / small
-            step += per_image_s * batch / distributed.world().size  # this process's rows
-            seconds.append(step * len(loader) + t_eval * evals)
-        return Cost(seconds, final + t_eval * len(val_loader) * _views(tta), one_off, cached)
 
     sizes = recipe["budget"]["sizes"] or [{}]
     table = recipe["budget"]["accuracy"]
@@ -389,7 +394,9 @@ def plan(
             t0 = time.perf_counter()
             same = sized["model"] == recipe["model"]
             candidate = (model, None, loader_for, val_loader) if same else build(sized["model"])
-            timed[key] = cost(candidate[0], *candidate[2:], config.phases(sized))
+            timed[key] = measure(
+                candidate[0], *candidate[2:], config.phases(sized), bf16, tta, per_image_s
+            )
             last_cost = time.perf_counter() - t0
         phases = config.phases(sized)
         factor = timed[key].factor(phases, budget_s * (1 - MARGIN) - elapsed_s(), strict=False)

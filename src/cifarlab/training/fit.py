@@ -200,49 +200,21 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         f"data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes; "
         f"model: {recipe['model']['name']} {count_parameters(model) / 1e6:.2f}M params"
     )
-    saved = None
-    if resume:
-        saved = run.read_state()
-        model.load_state_dict(saved["model"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        state, names = saved["state"], [p.name for p in config.phases(recipe)]
-        where = (
-            f"{names[state['phase']]} epoch {state['epoch'] + 1}"
-            if state["phase"] < len(names)
-            else "the final scoring"
-        )
-        log(f"resuming {run} at {where}")
+    saved = resume_state(run, model, recipe) if resume else None
 
-    aug = [AugmentConfig(**recipe["augment"])]  # the chosen size's, once planned
+    def loaders(pre: dict, aug: AugmentConfig):
+        return data_loaders(train_set, val_set, pre, aug, recipe["seed"], device, choice)
 
-    def loaders(pre: dict):
-        """(loader_for(phase, batch=None), val_loader) for a model's preprocessing: each size
-        of a recipe may have its own input size and normalisation."""
-        eval_kw = dict(device=device, preprocess=pre, channels_last=choice.channels_last)
+    aug = AugmentConfig(**recipe["augment"])  # as written; the chosen size's once planned
 
-        def loader_for(phase, batch: int | None = None) -> BatchLoader:
-            batch = batch or phase.batch_size  # the global batch: each process takes its rows
-            if min(batch, len(train_set)) < world.size:
-                raise UserError(
-                    f"a batch of {min(batch, len(train_set))} images cannot be shared by "
-                    f"{world.size} processes: use a batch size of at least {world.size}"
-                )
-            drop_last = len(train_set) > batch
-            return BatchLoader(
-                train_set, batch, aug=aug[0], shuffle=True, drop_last=drop_last,
-                seed=recipe["seed"], rank=world.rank, world_size=world.size, **eval_kw,
-            )  # fmt: skip
-
-        return loader_for, BatchLoader(distributed.share(val_set), 500, **eval_kw)  # gathered
-
-    def build(model_cfg: dict):
+    def build(model_cfg: dict, aug: AugmentConfig = aug):
         """(model, preprocess, loader_for, val_loader) of another size's model config."""
         built, pre = build_model(model_cfg, len(classes), recipe["data"]["image_size"])
         pre["image_size"] = recipe["data"]["image_size"]
         built.to(device, memory_format=memory_format(choice.channels_last))
-        return built, pre, *loaders(pre)
+        return built, pre, *loaders(pre, aug)
 
-    loader_for, val_loader = loaders(preprocess)
+    loader_for, val_loader = loaders(preprocess, aug)
 
     # the teacher's one-off logits are spent from the budget, not from the planner's start-up
     # allowance: 141 s of them left a 15-minute budget no time to time more than one size
@@ -267,8 +239,8 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         )
         recipe = plan.recipe if plan else planned["recipe"]
         if planned["resized"]:  # the budget chose another size of the recipe
-            aug[0] = AugmentConfig(**recipe["augment"])
-            model, preprocess, loader_for, val_loader = build(recipe["model"])
+            aug = AugmentConfig(**recipe["augment"])
+            model, preprocess, loader_for, val_loader = build(recipe["model"], aug)
             if teacher is not None:  # the student's normalisation may have changed
                 teacher.place(classes, device, preprocess, choice)
             log(f"model: {recipe['model']} {count_parameters(model) / 1e6:.2f}M params")
@@ -285,6 +257,46 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
         recipe, model, preprocess, choice, train_set, val_set, test_set, plan, saved, teacher
     )
     return setup, loader_for, val_loader
+
+
+def resume_state(run: RunDir, model: torch.nn.Module, recipe: dict) -> dict:
+    """last.pt of an interrupted run, its weights and RNG state restored; says where it resumes."""
+    saved = run.read_state()
+    model.load_state_dict(saved["model"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    state, names = saved["state"], [p.name for p in config.phases(recipe)]
+    where = (
+        f"{names[state['phase']]} epoch {state['epoch'] + 1}"
+        if state["phase"] < len(names)
+        else "the final scoring"
+    )
+    log(f"resuming {run} at {where}")
+    return saved
+
+
+def data_loaders(
+    train_set: ImageSet, val_set: ImageSet, pre: dict, aug: AugmentConfig, seed: int, device, choice
+):
+    """(loader_for(phase, batch=None), val_loader) in a model's preprocessing (each size of a
+    recipe may have its own input size and normalisation): training batches of a phase (the
+    global batch; each process takes its rows) and the validation loader (each process its
+    share, gathered)."""
+    world = distributed.world()
+    eval_kw = dict(device=device, preprocess=pre, channels_last=choice.channels_last)
+
+    def loader_for(phase, batch: int | None = None) -> BatchLoader:
+        batch = batch or phase.batch_size
+        if min(batch, len(train_set)) < world.size:
+            raise UserError(
+                f"a batch of {min(batch, len(train_set))} images cannot be shared by "
+                f"{world.size} processes: use a batch size of at least {world.size}"
+            )
+        return BatchLoader(
+            train_set, batch, aug=aug, shuffle=True, drop_last=len(train_set) > batch,
+            seed=seed, rank=world.rank, world_size=world.size, **eval_kw,
+        )  # fmt: skip
+
+    return loader_for, BatchLoader(distributed.share(val_set), 500, **eval_kw)
 
 
 def sample_batch(data: ImageSet, preprocess: dict, device: torch.device, n: int = 5000):
