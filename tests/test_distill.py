@@ -197,6 +197,14 @@ def test_train_with_cached_teacher_logits(tiny_folder, tiny_recipe, tmp_path, ca
     assert main([*args, "--set", "distill.cache=true"]) == 0
     assert "distill: teacher logits of 45 images x 2" in capsys.readouterr().err
     assert RunDir(tmp_path / "cached").recipe()["distill"]["cache"] is True
+    cache = json.loads(RunDir(tmp_path / "cached").metrics.read_text())["teacher_cache"]
+    assert cache["logits"] == "computed" and cache["seconds"] > 0  # its cost, on record
+    assert main([*taught_args(tiny_folder, tiny_recipe, teacher, tmp_path / "again"),
+                 "--set", "distill.cache=true"]) == 0  # fmt: skip
+    assert (
+        json.loads(RunDir(tmp_path / "again").metrics.read_text())["teacher_cache"]["logits"]
+        == "read"
+    )
     # an augmentation that changes the image beyond a flip makes a lookup wrong: refused
     args = taught_args(tiny_folder, tiny_recipe, teacher, tmp_path / "mixed")
     code = main([*args, "--set", "distill.cache=true", "--set", "augment.mixup=0.2"])

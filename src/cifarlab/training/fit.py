@@ -167,7 +167,7 @@ def _fit(recipe, run: RunDir, resume, tracker, budget_s, extra: list[Callback]) 
         resume=setup.saved,
     )  # fmt: skip
     trainer.fit()
-    return finish(trainer, setup.test_set)
+    return finish(trainer, setup.test_set, setup.teacher)
 
 
 def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
@@ -305,10 +305,11 @@ def sample_batch(data: ImageSet, preprocess: dict, device: torch.device, n: int 
     return next(loader.epoch())[0]
 
 
-def finish(t: Trainer, test_set: ImageSet | None) -> dict:
+def finish(t: Trainer, test_set: ImageSet | None, teacher: Teacher | None = None) -> dict:
     """Score the best checkpoint on val (and test) in the run's precision and layout, write
-    metrics.json, the plots and report.html, then tell the callbacks (tracking). Under DDP
-    every process scores its share of the images, and rank 0 writes."""
+    metrics.json (with a distillation teacher's cached logits: computed or read, in how many
+    seconds), the plots and report.html, then tell the callbacks (tracking). Under DDP every
+    process scores its share of the images, and rank 0 writes."""
     run, choice, recipe = t.run, t.choice, t.recipe
     distributed.barrier()  # rank 0 has written best.pt
     best, info = load_model(run.best)
@@ -329,6 +330,8 @@ def finish(t: Trainer, test_set: ImageSet | None) -> dict:
     }
     if recipe["distill"]["teacher"]:
         result["teacher"] = recipe["distill"]["teacher"]
+        if teacher is not None and teacher.cache is not None:  # its one-off cost, in the budget
+            result["teacher_cache"] = teacher.cache
     for name, data in (("val", t.val_set), ("test", test_set)):
         if data is not None and len(data):
             desc = f"scoring {name}" + (f" (TTA {tta})" if tta else "")

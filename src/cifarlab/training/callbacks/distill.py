@@ -52,6 +52,7 @@ class Teacher:
         self.model, self.info = load_model(path)
         self.pre = self.info["preprocess"]
         self.table: torch.Tensor | None = None  # cached logits (images, plain/mirrored, classes)
+        self.cache: dict | None = None  # how the cache was had: computed or read, and its seconds
 
     def place(self, classes: list[str], device, student: dict, choice) -> Teacher:
         """Check its classes against the data's; move it to the run's device, precision and
@@ -105,6 +106,8 @@ class Teacher:
             what = f"read from {path}"
         distributed.barrier()  # rank 0 has written it
         self.table = torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
+        how = "read" if what.startswith("read") else "computed"
+        self.cache = {"logits": how, "seconds": round(time.perf_counter() - start, 2)}
         log(f"distill: teacher logits of {len(train)} images x 2 (plain, mirrored) {what}")
 
     def _all_views(self, train: ImageSet, device, batch: int) -> np.ndarray:
