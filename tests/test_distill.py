@@ -205,6 +205,7 @@ def test_train_with_cached_teacher_logits(tiny_folder, tiny_recipe, tmp_path, ca
         json.loads(RunDir(tmp_path / "again").metrics.read_text())["teacher_cache"]["logits"]
         == "read"
     )
+    capsys.readouterr()
     # an augmentation that changes the image beyond a flip makes a lookup wrong: refused
     args = taught_args(tiny_folder, tiny_recipe, teacher, tmp_path / "mixed")
     code = main([*args, "--set", "distill.cache=true", "--set", "augment.mixup=0.2"])
