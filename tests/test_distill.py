@@ -227,13 +227,13 @@ def test_the_teacher_cache_is_spent_from_the_budget_not_from_the_planners_allowa
     cifarlab.train(
         tiny_fast_recipe, tiny_folder, teacher, progress=False, overrides={"train.epochs": 1}
     )
-    compute = Teacher.cache_views
+    compute = Teacher._all_views
 
-    def slow_cache(self, *args, **kwargs):
-        compute(self, *args, **kwargs)
+    def slow_logits(self, *args, **kwargs):  # the teacher's passes over every image, made slow
         time.sleep(3.0)
+        return compute(self, *args, **kwargs)
 
-    monkeypatch.setattr(Teacher, "cache_views", slow_cache)
+    monkeypatch.setattr(Teacher, "_all_views", slow_logits)
     monkeypatch.setattr(budget, "overhead_allowance", lambda budget_s: 2.0)
     capsys.readouterr()
     cifarlab.train(

@@ -222,9 +222,8 @@ def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
     if teacher is not None:  # its classes checked before anything is written
         teacher.place(classes, device, preprocess, choice)
         if recipe["distill"]["cache"]:  # before the plan: its one-off cost is spent by then
-            cache_start = time.perf_counter()
             teacher.cache_views(train_set, device)
-            cached_s = time.perf_counter() - cache_start
+            cached_s = teacher.cache["seconds"]
     plan = None
     if budget_s is not None and not resume:
         if world.main:  # the others wait for its plan (timed on rank 0's share of a batch)
