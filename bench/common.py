@@ -1,12 +1,17 @@
-"""Shared by the bench scripts: where results go and how they are written."""
+"""Shared by the bench scripts: where results go and how they are written, and a training run
+of a fixed length."""
 
+import csv
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 
+import cifarlab
+from cifarlab import config
 from cifarlab.core import runtime
 from cifarlab.core.files import atomic_write_text
 
@@ -39,3 +44,36 @@ def save(name: str, result: dict) -> Path:
     atomic_write_text(path, text + "\n")
     print(text)
     return path
+
+
+def train_for(recipe: str, data: str, out: Path, overrides: dict, epochs: float) -> dict:
+    """Train `recipe` with `overrides` for exactly `epochs`, its warm-up at the recipe's share of
+    them (or `warmup_share` in `overrides`), as a budgeted run of that length would train it:
+    held-out accuracy with the recipe's TTA and plain, and the seconds."""
+    base = config.load_recipe(recipe)
+    overrides = dict(overrides)
+    share = overrides.pop(
+        "warmup_share", float(base["train"]["warmup_epochs"]) / float(base["train"]["epochs"])
+    )
+    started = time.perf_counter()
+    result = cifarlab.train(
+        recipe,
+        data=data,
+        out=out,
+        overrides={
+            **overrides,
+            "train.epochs": epochs,
+            "train.warmup_epochs": round(share * epochs, 3),
+        },
+        progress=False,
+    )
+    with open(out / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    return {
+        "epochs": epochs,
+        "val_accuracy": result["val"]["accuracy"],
+        "plain_val_accuracy": float(history[-1]["val_accuracy"]),
+        "train_seconds": result["train_seconds"],
+        "wall_seconds": time.perf_counter() - started,
+        "runtime": result["runtime"],
+    }

@@ -12,53 +12,25 @@ beside other work; its seconds do.
 """
 
 import argparse
-import csv
 import hashlib
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from common import RESULTS, save
+from common import RESULTS, save, train_for
 
-import cifarlab
 from cifarlab import config
 
 # epoch counts per size index of `fast` (quarter, half, base, base + cutout, wide): from the
 # shortest a slow laptop CPU affords in 15 minutes to the longest an AMX Xeon affords in 60
-EPOCHS = {"fast": {0: [8, 16, 32], 1: [4, 8, 16], 2: [3, 6], 3: [3, 6, 12], 4: []}}
+EPOCHS = {"fast": {0: [8, 16, 32], 1: [8, 16], 2: [3, 6], 3: [3, 6, 12], 4: []}}
 
 
 def one_run(recipe: str, data: str, size: int, epochs: float, runs: Path) -> dict:
-    base = config.load_recipe(recipe)
-    settings = base["budget"]["sizes"][size]
-    warmup_share = float(base["train"]["warmup_epochs"]) / float(base["train"]["epochs"])
+    settings = config.load_recipe(recipe)["budget"]["sizes"][size]
     tag = hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:6]
     out = runs / f"{recipe}-size{size}-{tag}-{epochs:g}ep"
-    started = time.perf_counter()
-    result = cifarlab.train(
-        recipe,
-        data=data,
-        out=out,
-        overrides={
-            **settings,
-            "train.epochs": epochs,
-            "train.warmup_epochs": round(warmup_share * epochs, 3),
-        },
-        progress=False,
-    )
-    with open(out / "history.csv", newline="") as f:
-        history = list(csv.DictReader(f))
-    return {
-        "size": size,
-        "settings": settings,
-        "epochs": epochs,
-        "val_accuracy": result["val"]["accuracy"],
-        "plain_val_accuracy": float(history[-1]["val_accuracy"]),
-        "train_seconds": result["train_seconds"],
-        "wall_seconds": time.perf_counter() - started,
-        "runtime": result["runtime"],
-    }
+    return {"size": size, "settings": settings, **train_for(recipe, data, out, settings, epochs)}
 
 
 def main():

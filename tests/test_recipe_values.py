@@ -36,6 +36,8 @@ OUT_OF_RANGE = {
     "train.batch_size": [0, -8],
     "train.lr": [0, -0.1],
     "train.momentum": [1, -0.1, 3],
+    "train.muon_lr": [0, -0.1],
+    "train.muon_momentum": [1, -0.1, 3],
     "train.weight_decay": [-1e-4],
     "train.warmup_epochs": [-1],
     "train.lr_start": [-0.1, 1.5],

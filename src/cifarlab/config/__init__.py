@@ -189,6 +189,8 @@ class Phase:
     lr: float
     momentum: float
     nesterov: bool
+    muon_lr: float
+    muon_momentum: float
     weight_decay: float
     schedule: str
     warmup_epochs: float

@@ -85,10 +85,12 @@ PHASES = Rule(lambda v: isinstance(v, list) and all(isinstance(p, dict) for p in
 TRAIN = {
     "epochs": number(0, lo_open=True),
     "batch_size": integer(1),
-    "optimizer": one_of("adam", "adamw", "sgd"),
+    "optimizer": one_of("adam", "adamw", "sgd", "muon"),
     "lr": number(0, lo_open=True),
     "momentum": number(0, 1, hi_open=True),
     "nesterov": BOOL,
+    "muon_lr": number(0, lo_open=True),
+    "muon_momentum": number(0, 1, hi_open=True),
     "weight_decay": number(0),
     "schedule": one_of("constant", "cosine", "linear", "onecycle"),
     "warmup_epochs": number(0),
