@@ -44,10 +44,11 @@ def settings(name: str) -> dict:
 
 def one_run(data: str, name: str, epochs: float, seed: int, runs: Path) -> dict:
     out = runs / f"fast-short-{name}-{epochs:g}ep-s{seed}"
-    overrides = {**settings(name), "seed": seed, "data.split_seed": 0}
+    written = settings(name)
+    overrides = {**written, "seed": seed, "data.split_seed": 0}
     return {
         "variant": name,
-        "settings": settings(name),
+        "settings": written,
         "emulation": machine()["emulation"],
         "seed": seed,
         **train_for("fast", data, out, overrides, epochs),
@@ -75,7 +76,8 @@ def main():
             save(name, {"recipe": "fast", "data": str(args.data), "runs": rows})
     print(f"{'variant':<12} {'runs':>4} {'TTA':>7} {'plain':>7} {'train s':>8}")
     for variant in VARIANTS:
-        mine = [r for r in rows if r["settings"] == settings(variant) and not r["emulation"]]
+        written = settings(variant)
+        mine = [r for r in rows if r["settings"] == written and not r["emulation"]]
         if mine:
             tta = statistics.mean(r["val_accuracy"] for r in mine)
             plain = statistics.mean(r["plain_val_accuracy"] for r in mine)

@@ -101,12 +101,14 @@ class Teacher:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path, suffix=".npy") as tmp:
                 np.save(tmp, self._all_views(train, device, batch))
-            what = f"computed in {time.perf_counter() - start:.1f}s, saved to {path}"
+            how, what = (
+                "computed",
+                f"computed in {time.perf_counter() - start:.1f}s, saved to {path}",
+            )
         else:
-            what = f"read from {path}"
+            how, what = "read", f"read from {path}"
         distributed.barrier()  # rank 0 has written it
         self.table = torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
-        how = "read" if what.startswith("read") else "computed"
         self.cache = {"logits": how, "seconds": round(time.perf_counter() - start, 2)}
         log(f"distill: teacher logits of {len(train)} images x 2 (plain, mirrored) {what}")
 
