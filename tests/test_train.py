@@ -128,6 +128,8 @@ def test_cli_train_evaluate_predict_end_to_end(tiny_folder, tiny_recipe, tmp_pat
                 str(out),
                 "--epochs",
                 "1",
+                "--set",
+                "train.eval_tta=2",  # scored with mirror + shifts, as `fast` is
                 "--no-progress",
                 "--no-track",
             ]
@@ -140,9 +142,18 @@ def test_cli_train_evaluate_predict_end_to_end(tiny_folder, tiny_recipe, tmp_pat
     assert (
         m["n"] == 60 and 0 <= m["accuracy"] <= 1 and set(m["per_class"]) == {"cat", "dog", "ship"}
     )
-    # its own validation split
-    assert main(["evaluate", str(out), "--json", "--tta", "--no-track"]) == 0
-    assert json.loads(capsys.readouterr().out)["n"] == 15
+    # its own validation split, scored as training scored it: the recipe's TTA (level 2)
+    trained = json.loads((out / "metrics.json").read_text())["val"]
+    scored = {}
+    for flags in ([], ["--tta"], ["--tta", "0"]):
+        assert main(["evaluate", str(out), "--json", "--no-track", *flags]) == 0
+        m = json.loads(capsys.readouterr().out)
+        assert m["n"] == 15
+        scored[m["tta"]] = m
+    assert sorted(scored) == [0, 1, 2]
+    assert scored[2]["accuracy"] == trained["accuracy"]
+    assert scored[2]["loss"] == pytest.approx(trained["loss"], rel=1e-4)
+    assert scored[0]["loss"] != pytest.approx(scored[2]["loss"], rel=1e-4)  # the views count
     assert (
         main(["predict", str(out / "best.pt"), str(tiny_folder / "cat"), "--json", "--top-k", "2"])
         == 0

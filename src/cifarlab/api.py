@@ -105,11 +105,19 @@ def register(
 
 
 def evaluate(
-    model: str | Path, data: str | Path | None = None, tta: bool = False, device: str = "cpu"
+    model: str | Path,
+    data: str | Path | None = None,
+    tta: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Metrics of a model on `data` (all of it; the test split for CIFAR-10). Without `data`,
-    a run directory is scored on its own held-out validation split."""
+    a run directory is scored on its own held-out validation split. `tta`: the test-time
+    augmentation level (0 none, 1 mirror, 2 mirror + 1-pixel shifts; True = 1); None scores a run
+    directory as its training scored it (its recipe's `train.eval_tta`), a bare checkpoint
+    without. The level used is returned as `tta`."""
     run = RunDir(model)
+    if tta is None:
+        tta = run.recipe()["train"]["eval_tta"] if run.config.is_file() else 0
     scored = str(checkpoint_path(run.path))
     if run.path.is_dir() and not run.finished() and run.last.is_file():
         predictor, epochs = interrupted_predictor(run, device)  # its latest weights
@@ -123,10 +131,8 @@ def evaluate(
     else:
         dataset = load_images(data, image_size=predictor.image_size, split="test")
     dataset = align_classes(dataset, predictor.classes)
-    probs = predictor.probs(dataset.images)
-    if tta:
-        probs = (probs + predictor.probs(dataset.images[:, :, ::-1])) / 2
-    return {**metrics(probs, dataset.labels, predictor.classes), "scored": scored}
+    probs = predictor.probs(dataset.images, tta=int(tta))
+    return {**metrics(probs, dataset.labels, predictor.classes), "scored": scored, "tta": int(tta)}
 
 
 def checkpoint_path(model: Path) -> Path:

@@ -280,15 +280,16 @@ def cmd_ui(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from cifarlab import api
+    from cifarlab.eval.predict import TTA_NAMES
 
     m = api.evaluate(args.model, args.data, tta=args.tta, device=args.device or "cpu")
     tracker = tracker_from(args)
     if tracker is not None:
-        tracker.log_evaluation(args.model, args.data, args.tta, m)
+        tracker.log_evaluation(args.model, args.data, m["tta"], m)
     if args.json:
         print(json.dumps(m))
         return
-    print(f"scored: {m['scored']}")
+    print(f"scored: {m['scored']}; test-time augmentation: {TTA_NAMES[m['tta']]}")
     print(f"accuracy {m['accuracy']:.4f}   loss {m['loss']:.4f}   n {m['n']}")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'accuracy':>10}{'n':>7}")
     for name, c in m["per_class"].items():
@@ -642,7 +643,15 @@ def add_model_commands(sub) -> None:
     e = sub.add_parser("evaluate", help="score a model on labelled data")
     e.add_argument("model", help="run directory or checkpoint")
     e.add_argument("--data", help="labelled data (default: the run's own validation split)")
-    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=1,
+        choices=[0, 1, 2],
+        help="test-time augmentation: 0 none, 1 (bare --tta) mirror, 2 mirror + 1-pixel shifts "
+        "(default: what the run was scored with in training, its recipe's train.eval_tta)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", choices=["cpu", "cuda"])
     add_tracking_flags(e)

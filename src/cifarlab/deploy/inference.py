@@ -20,6 +20,7 @@ from cifarlab.data.image import IMAGE_EXTENSIONS, read_image
 from cifarlab.data.loader import prepare
 from cifarlab.deploy.metadata import read_metadata
 from cifarlab.eval import explain
+from cifarlab.eval.predict import image_views
 from cifarlab.models import load_model
 
 
@@ -104,12 +105,19 @@ class BasePredictor:
     def explain(self, images: np.ndarray, classes=None, method: str = "gradcam"):
         raise UserError(self.explain_refusal())
 
-    def probs(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (N, classes) for uint8 RGB images (N, H, W, 3) of any size."""
+    def probs(self, images: np.ndarray, batch_size: int = 256, tta: int = 0) -> np.ndarray:
+        """Class probabilities (N, classes) for uint8 RGB images (N, H, W, 3) of any size;
+        `tta` > 0 averages over the views training scores with (`tta_views`, in the model's
+        input pixels)."""
         out = []
         for i in range(0, len(images), batch_size):
-            logits = self._logits(fit_images(images[i : i + batch_size], self.image_size))
-            out.append(softmax(logits.astype(np.float32)))
+            fitted = fit_images(images[i : i + batch_size], self.image_size)
+            out.append(
+                sum(
+                    w * softmax(self._logits(view).astype(np.float32))
+                    for w, view in image_views(fitted, tta)
+                )
+            )
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[dict]]:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from cifarlab.core.progress import bar
 from cifarlab.data.loader import BatchLoader
 
+TTA_NAMES = {0: "none", 1: "mirror", 2: "mirror + 1-pixel shifts"}  # the levels of `tta_views`
+
 
 def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
     """(weight, view) pairs of a normalised batch for test-time augmentation: level 0 the batch
@@ -22,6 +24,18 @@ def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
         views = [(wt / 2, v) for wt, v in views]
         views += [(0.125, v) for s in shifted for v in (s, s.flip(3))]
     return views
+
+
+def image_views(images: np.ndarray, level: int) -> list[tuple[float, np.ndarray]]:
+    """`tta_views` of uint8 images (N, H, W, 3): the same views with the same weights (a flip and a
+    reflected 1-pixel shift commute with normalisation, so scoring them matches training's)."""
+    if level <= 0:
+        return [(1.0, images)]
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return [
+        (w, np.ascontiguousarray(v.permute(0, 2, 3, 1).to(torch.uint8).numpy()))
+        for w, v in tta_views(x, level)
+    ]
 
 
 @torch.no_grad()

@@ -180,7 +180,7 @@ class MlflowTracker:
 
     # --- evaluate and compare ------------------------------------------------------------------
 
-    def log_evaluation(self, model: str | Path, data: str | None, tta: bool, m: dict) -> None:
+    def log_evaluation(self, model: str | Path, data: str | None, tta: int, m: dict) -> None:
         """A small run for `cifarlab evaluate`: what was scored on what, and the scores."""
         self._guarded("record the evaluation", self._log_evaluation, Path(model), data, tta, m)
 
@@ -336,7 +336,7 @@ class MlflowTracker:
         self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
         self.client.finalize_logged_model(model.model_id, "READY")
 
-    def _log_evaluation(self, model: Path, data: str | None, tta: bool, m: dict) -> None:
+    def _log_evaluation(self, model: Path, data: str | None, tta: int, m: dict) -> None:
         run_dir = model if model.is_dir() else model.parent
         self.run_id = self._new_run(
             f"evaluate-{run_dir.name}",
