@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from cifarlab.core.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SWITCH_MARGIN = 1.1  # how much faster than the safer choice (fp32, contiguous) another must be
+MEASURE_ROUNDS = 3  # timed steps per candidate (after one untimed), interleaved: see `measure`
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # oneDNN ISA caps below which bf16 has no native kernels (ONEDNN_MAX_CPU_ISA)
 _NO_BF16_ISAS = {
@@ -205,45 +207,54 @@ class Choice:
 StepFn = Callable[..., object]  # training.step.train_step: (net, opt, x, y, bf16)
 
 
-def step_rate(
-    model: torch.nn.Module,
-    input_size: int,
-    bf16: bool,
-    channels_last: bool,
-    batch: int,
-    train_step: StepFn | None = None,
-    steps: int = 2,
-) -> float:
-    """Images/s of `steps` calls of `train_step` (forward, backward, SGD update), or without
-    it of forward passes, of a copy of `model` on random data, after one untimed call."""
-    train = train_step is not None
-    device = next(model.parameters()).device
-    net = copy.deepcopy(model).train(train)
-    fmt = memory_format(channels_last)
-    net.to(memory_format=fmt)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.0) if train and params else None
-    rng = torch.get_rng_state()  # restored after: measuring must not move the run's stream
-    x = torch.randn(batch, 3, input_size, input_size, device=device).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
-    y = torch.randint(0, 2, (batch,), device=device)
+class StepProbe:
+    """One candidate's timed step: a copy of `model` in the candidate's memory format on random
+    data, and `train_step` (forward, backward, SGD update), or without it a forward pass. One
+    untimed call at creation (first-call allocations and kernel choices); `rate()` times one
+    more. Neither moves the run's random stream."""
 
-    def once():
-        if opt is not None:
-            train_step(net, opt, x, y, bf16)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        input_size: int,
+        bf16: bool,
+        channels_last: bool,
+        batch: int,
+        train_step: StepFn | None = None,
+    ):
+        train = train_step is not None
+        self.device = next(model.parameters()).device
+        self.net = copy.deepcopy(model).train(train)
+        self.net.to(memory_format=memory_format(channels_last))
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=0.0) if train and params else None
+        self.bf16, self.train_step, self.batch = bf16, train_step, batch
+        rng = torch.get_rng_state()
+        self.x = torch.randn(batch, 3, input_size, input_size, device=self.device).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+        self.y = torch.randint(0, 2, (batch,), device=self.device)
+        self.once()
+        torch.set_rng_state(rng)
+
+    def once(self) -> None:
+        if self.opt is not None:
+            self.train_step(self.net, self.opt, self.x, self.y, self.bf16)
         else:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                net(x)
-        if device.type == "cuda":
+            kind = self.device.type
+            with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16, enabled=self.bf16):
+                self.net(self.x)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    once()
-    start = time.perf_counter()
-    for _ in range(steps):
-        once()
-    torch.set_rng_state(rng)
-    return batch * steps / (time.perf_counter() - start)
+    def rate(self) -> float:
+        """Images/s of one more call."""
+        rng = torch.get_rng_state()
+        start = time.perf_counter()
+        self.once()
+        elapsed = time.perf_counter() - start
+        torch.set_rng_state(rng)
+        return self.batch / elapsed
 
 
 Timer = Callable[[bool, bool], float]  # (bf16, channels_last) -> images/s
@@ -275,12 +286,17 @@ def decide(
         if model is None:
             raise ValueError("decide needs a model or a timer")
         batch = max(2, batch)
+        probes: dict[tuple[bool, bool], StepProbe] = {}
 
         def timer(bf16: bool, channels_last: bool) -> float:
-            # emulated bf16 (pinned against the machine) is timed on a few images: seconds,
-            # where a full probe batch could take minutes
-            images = 4 if bf16 and not native_ok else batch
-            return step_rate(model, input_size, bf16, channels_last, images, train_step)
+            if (bf16, channels_last) not in probes:
+                # emulated bf16 (pinned against the machine) is timed on a few images:
+                # seconds, where a full probe batch could take minutes
+                images = 4 if bf16 and not native_ok else batch
+                probes[bf16, channels_last] = StepProbe(
+                    model, input_size, bf16, channels_last, images, train_step
+                )
+            return probes[bf16, channels_last].rate()
 
     # in order of preference: a later candidate must be SWITCH_MARGIN faster to be chosen, so
     # that measurement noise does not flip the decision (and the metrics) between two runs
@@ -303,14 +319,29 @@ def decide(
     if len(candidates) == 1:
         b, c = candidates[0]
         return Choice(str(device), _prec_name(b), _fmt_name(c), threads, note=note or "pinned")
-    rates = {}
-    for b, c in candidates:
-        rates[_key(b, c)] = timer(b, c)
+    readings = measure(timer, candidates)
     best = candidates[0]
     for bc in candidates[1:]:
-        if rates[_key(*bc)] > SWITCH_MARGIN * rates[_key(*best)]:
+        if faster(readings[_key(*bc)], readings[_key(*best)]) > SWITCH_MARGIN:
             best = bc
+    rates = {k: statistics.median(r) for k, r in readings.items()}
     return Choice(str(device), _prec_name(best[0]), _fmt_name(best[1]), threads, rates, note)
+
+
+def measure(timer: Timer, candidates: list[tuple[bool, bool]]) -> dict[str, list[float]]:
+    """Each candidate's rate in MEASURE_ROUNDS rounds, the candidates timed in turn (forward,
+    then backward order), so that a slow spell of a shared machine, or the first candidate's
+    cold start, falls on neighbours alike and cancels in their ratio (`faster`)."""
+    readings: dict[str, list[float]] = {_key(b, c): [] for b, c in candidates}
+    for r in range(MEASURE_ROUNDS):
+        for b, c in candidates if r % 2 == 0 else candidates[::-1]:
+            readings[_key(b, c)].append(timer(b, c))
+    return readings
+
+
+def faster(a: list[float], b: list[float]) -> float:
+    """How much faster `a` is than `b`: the median of their per-round ratios."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _key(bf16: bool, channels_last: bool) -> str:
