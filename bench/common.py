@@ -19,6 +19,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg-train.tar.gz"
 
 
+def cpu_id() -> str:
+    """The CPU's name with its x86 family and model where /proc/cpuinfo has them: a KVM guest
+    may name a Zen 3 and a Zen 5 both "AMD EPYC" (family 25 model 1 and family 26 model 2)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = runtime.cpu_name() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name}, family {fields['cpu family']} model {fields['model']}"
+    return name
+
+
 def machine() -> dict:
     """What a figure was measured on: the CPU's name and class (native bf16 or not, and any
     emulation cap in the environment), threads, torch and the GPU if any."""
@@ -27,7 +44,7 @@ def machine() -> dict:
         k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ
     }
     return {
-        "cpu": runtime.cpu_name() or platform.machine(),
+        "cpu": cpu_id(),
         "cpu_bf16": why,
         "emulation": caps or None,
         "threads": torch.get_num_threads(),

@@ -5,8 +5,8 @@ number of epochs, each variant its own run per seed, warm-up at the recipe's sha
 Usage: python bench/short_runs.py --data PATH [--epochs 3] [--seeds 0 1] [--only NAME ...]
 
 Writes bench/results/short_runs-fast-EPOCHSep.json after every run (a rerun skips the runs it
-has: same seed, settings and CPU emulation) and prints a table of each variant's mean (runs
-without emulation). Accuracy at a fixed epoch count does not depend on
+has: same seed, settings, CPU and emulation) and prints a table of each variant's mean per CPU
+(runs without emulation). Accuracy at a fixed epoch count does not depend on
 how busy the machine is; its seconds do.
 """
 
@@ -50,6 +50,7 @@ def one_run(data: str, name: str, epochs: float, seed: int, runs: Path) -> dict:
         "variant": name,
         "settings": written,
         "emulation": machine()["emulation"],
+        "cpu": machine()["cpu"],
         "seed": seed,
         **train_for("fast", data, out, overrides, epochs),
     }
@@ -69,20 +70,25 @@ def main():
     runs = Path(args.runs or tempfile.mkdtemp(prefix="short_runs-"))
     for seed in args.seeds:
         for variant in args.only or list(VARIANTS):
-            key = (seed, settings(variant), machine()["emulation"])
-            if any((r["seed"], r["settings"], r["emulation"]) == key for r in rows):
+            key = (seed, settings(variant), machine()["emulation"], machine()["cpu"])
+            if any((r["seed"], r["settings"], r["emulation"], r["cpu"]) == key for r in rows):
                 continue
             rows.append(one_run(args.data, variant, args.epochs, seed, runs))
             save(name, {"recipe": "fast", "data": str(args.data), "runs": rows})
-    print(f"{'variant':<12} {'runs':>4} {'TTA':>7} {'plain':>7} {'train s':>8}")
-    for variant in VARIANTS:
-        written = settings(variant)
-        mine = [r for r in rows if r["settings"] == written and not r["emulation"]]
-        if mine:
-            tta = statistics.mean(r["val_accuracy"] for r in mine)
-            plain = statistics.mean(r["plain_val_accuracy"] for r in mine)
-            secs = statistics.mean(r["train_seconds"] for r in mine)
-            print(f"{variant:<12} {len(mine):>4} {tta:>7.2%} {plain:>7.2%} {secs:>8.0f}")
+    print(f"{'variant':<12} {'runs':>4} {'TTA':>7} {'plain':>7} {'train s':>8}  cpu")
+    for cpu in sorted({r["cpu"] for r in rows}):
+        for variant in VARIANTS:
+            written = settings(variant)
+            mine = [
+                r
+                for r in rows
+                if r["settings"] == written and r["cpu"] == cpu and not r["emulation"]
+            ]
+            if mine:
+                tta = statistics.mean(r["val_accuracy"] for r in mine)
+                plain = statistics.mean(r["plain_val_accuracy"] for r in mine)
+                secs = statistics.mean(r["train_seconds"] for r in mine)
+                print(f"{variant:<12} {len(mine):>4} {tta:>7.2%} {plain:>7.2%} {secs:>8.0f}  {cpu}")
     for r in rows:
         if r["emulation"]:
             print(
