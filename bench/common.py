@@ -4,7 +4,6 @@ of a fixed length."""
 import csv
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,15 +21,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg-tr
 def cpu_id() -> str:
     """The CPU's name with its x86 family and model where /proc/cpuinfo has them: a KVM guest
     may name a Zen 3 and a Zen 5 both "AMD EPYC" (family 25 model 1 and family 26 model 2)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = runtime.cpu_name() or platform.machine()
+    fields = runtime.cpu_fields()
+    name = runtime.cpu_name()
     if "cpu family" in fields and "model" in fields:
         return f"{name}, family {fields['cpu family']} model {fields['model']}"
     return name

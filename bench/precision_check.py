@@ -43,19 +43,16 @@ if WAY == "interleaved":
     choice = runtime.decide("auto", "auto", cpu, threads, model=net, batch=batch,
                             train_step=train_step)
     rates = {**choice.rates, "chosen": runtime._key(choice.bf16, choice.channels_last)}
-else:  # one after the other, as before
+else:  # one after the other, as before, and one reading each for the same rule
+    bf16s = [False, True] if runtime.native_bf16()[0] else [False]
+    candidates = [(b, c) for b in bf16s for c in (False, True)]
     rates = {}
-    for bf16 in ([False, True] if runtime.native_bf16()[0] else [False]):
-        for cl in (False, True):
-            probe = runtime.StepProbe(net, 32, bf16, cl, batch, train_step)
-            seconds = sum(batch / probe.rate() for _ in range(2))
-            rates[runtime._key(bf16, cl)] = 2 * batch / seconds
-    order = list(rates)
-    best = order[0]
-    for key in order[1:]:
-        if rates[key] > runtime.SWITCH_MARGIN * rates[best]:
-            best = key
-    rates["chosen"] = best
+    for bf16, cl in candidates:
+        probe = runtime.StepProbe(net, 32, bf16, cl, batch, train_step)
+        seconds = sum(batch / probe.rate() for _ in range(2))
+        rates[runtime._key(bf16, cl)] = 2 * batch / seconds
+    best = runtime.pick(candidates, {k: [r] for k, r in rates.items()})
+    rates["chosen"] = runtime._key(*best)
 print(json.dumps(rates))
 """
 

@@ -42,15 +42,15 @@ def settings(name: str) -> dict:
     return {**short_size(config.load_recipe("fast")), **VARIANTS[name]}
 
 
-def one_run(data: str, name: str, epochs: float, seed: int, runs: Path) -> dict:
+def one_run(data: str, name: str, epochs: float, seed: int, runs: Path, here: dict) -> dict:
     out = runs / f"fast-short-{name}-{epochs:g}ep-s{seed}"
     written = settings(name)
     overrides = {**written, "seed": seed, "data.split_seed": 0}
     return {
         "variant": name,
         "settings": written,
-        "emulation": machine()["emulation"],
-        "cpu": machine()["cpu"],
+        "emulation": here["emulation"],
+        "cpu": here["cpu"],
         "seed": seed,
         **train_for("fast", data, out, overrides, epochs),
     }
@@ -68,12 +68,13 @@ def main():
     path = RESULTS / f"{name}.json"
     rows = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = Path(args.runs or tempfile.mkdtemp(prefix="short_runs-"))
+    here = machine()
     for seed in args.seeds:
         for variant in args.only or list(VARIANTS):
-            key = (seed, settings(variant), machine()["emulation"], machine()["cpu"])
+            key = (seed, settings(variant), here["emulation"], here["cpu"])
             if any((r["seed"], r["settings"], r["emulation"], r["cpu"]) == key for r in rows):
                 continue
-            rows.append(one_run(args.data, variant, args.epochs, seed, runs))
+            rows.append(one_run(args.data, variant, args.epochs, seed, runs, here))
             save(name, {"recipe": "fast", "data": str(args.data), "runs": rows})
     print(f"{'variant':<12} {'runs':>4} {'TTA':>7} {'plain':>7} {'train s':>8}  cpu")
     for cpu in sorted({r["cpu"] for r in rows}):

@@ -123,26 +123,27 @@ def set_threads(setting) -> int:
 
 
 @cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_fields() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields ("model name", "cpu family", "model",
+    "flags" or aarch64's "Features"); empty where there is no /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.partition(":")[2].split())
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+def _cpu_flags() -> frozenset[str]:
+    fields = cpu_fields()
+    return frozenset(fields.get("flags", fields.get("Features", "")).split())
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_fields().get("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16(flags: frozenset[str] | None = None, env: dict | None = None) -> tuple[bool, str]:
@@ -320,10 +321,7 @@ def decide(
         b, c = candidates[0]
         return Choice(str(device), _prec_name(b), _fmt_name(c), threads, note=note or "pinned")
     readings = measure(timer, candidates)
-    best = candidates[0]
-    for bc in candidates[1:]:
-        if faster(readings[_key(*bc)], readings[_key(*best)]) > SWITCH_MARGIN:
-            best = bc
+    best = pick(candidates, readings)
     rates = {k: statistics.median(r) for k, r in readings.items()}
     return Choice(str(device), _prec_name(best[0]), _fmt_name(best[1]), threads, rates, note)
 
@@ -337,6 +335,18 @@ def measure(timer: Timer, candidates: list[tuple[bool, bool]]) -> dict[str, list
         for b, c in candidates if r % 2 == 0 else candidates[::-1]:
             readings[_key(b, c)].append(timer(b, c))
     return readings
+
+
+def pick(
+    candidates: list[tuple[bool, bool]], readings: dict[str, list[float]]
+) -> tuple[bool, bool]:
+    """The candidate to run: the first (the safest) unless a later one is SWITCH_MARGIN
+    faster than the one chosen so far (`faster`)."""
+    best = candidates[0]
+    for bc in candidates[1:]:
+        if faster(readings[_key(*bc)], readings[_key(*best)]) > SWITCH_MARGIN:
+            best = bc
+    return best
 
 
 def faster(a: list[float], b: list[float]) -> float:
