@@ -136,28 +136,35 @@ def _example(images: np.ndarray) -> torch.Tensor:
 
 
 def write_onnx(pipeline: torch.nn.Module, meta: dict, images: np.ndarray, path: Path) -> None:
+    """The ONNX file, by torch.onnx's TorchScript-based exporter: 0.47 s for MobileNetV2 at 32
+    px against 9.3-10.6 s by the dynamo exporter (torch.export + decompositions), measured on a
+    2-core Xeon (AMX); `compare` exports every row, so that was most of its time. The export is
+    verified against the eager model either way (`verify`)."""
+    import io
+
     import onnx
 
+    buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
+            warnings.simplefilter("ignore")  # upstream's deprecation notice for this exporter
+            torch.onnx.export(
                 pipeline,
                 (_example(images),),
-                dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                buffer,
+                dynamo=False,
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                 input_names=["images"],
                 output_names=["logits"],
                 opset_version=ONNX_OPSET,
-                optimize=True,
-                verbose=False,
+                do_constant_folding=True,
             )
     except Exception as e:  # noqa: BLE001 - the exporter raises many types for unsupported ops
         raise UserError(
             f"{meta['model']} could not be exported to ONNX ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); try --format torchscript"
         ) from None
-    proto = program.model_proto
+    proto = onnx.load_model_from_string(buffer.getvalue())
     props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
