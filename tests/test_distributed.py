@@ -97,6 +97,40 @@ def test_micro_batches_give_the_whole_batch_gradient():
         torch.testing.assert_close(a, b)
 
 
+def test_under_torchrun_the_agents_repeated_stop_neither_cuts_a_step_nor_the_teardown(
+    monkeypatch,
+):
+    """Ctrl-C reaches each process twice under torchrun (the terminal's, then the agent's):
+    alone, a second Ctrl-C raises at once; under torchrun it is held to the step's end, and a
+    stopping process ignores further stops while it leaves the process group."""
+    from cifarlab.training.interrupt import STOPS, CtrlC, stopping
+
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    c, steps = CtrlC(), []
+    with pytest.raises(KeyboardInterrupt):
+        with c.deferred():
+            c.handler(signal.SIGINT, None)  # held
+            with pytest.raises(KeyboardInterrupt):
+                c.handler(signal.SIGINT, None)  # a user's second press: at once
+    previous = {s: signal.getsignal(s) for s in STOPS}
+    try:
+        stopping()  # alone: nothing changes
+        assert {s: signal.getsignal(s) for s in STOPS} == previous
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(KeyboardInterrupt):
+            with c.deferred():
+                c.handler(signal.SIGINT, None)
+                c.handler(signal.SIGINT, None)  # the agent's, sent on: held too
+                steps.append("finished")
+        assert steps == ["finished"]
+        stopping()
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOPS)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 # -- whole runs ---------------------------------------------------------------------------------
 def recipe(tmp_path: Path, epochs: int = 3, batchnorm: bool = False, name: str = "ddp") -> Path:
     """No BatchNorm and no dropout: then a run's result does not depend on how its batches are

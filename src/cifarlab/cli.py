@@ -66,8 +66,9 @@ def launched(args, resume: str) -> bool:
     """With --nproc-per-node/--nnodes (and not yet under torchrun): run this same command as
     torchrun's processes (training/launch.py) and say so; the exit code is theirs."""
     from cifarlab.training import launch
+    from cifarlab.training.interrupt import under_torchrun
 
-    if not (args.nproc_per_node or args.nnodes) or launch.under_torchrun():
+    if not (args.nproc_per_node or args.nnodes) or under_torchrun():
         return False
     code = launch.launch(
         args.argv, args.nproc_per_node or 1, args.nnodes or 1, args.node_rank,
@@ -778,7 +779,11 @@ def add_tools(sub) -> None:
 def failed(code: int, message: str) -> int:
     """Say a failure (rank 0) and return its exit code. Under torchrun another rank first waits
     a little: torchrun stops every process as soon as one exits with an error, and rank 0
-    must not be stopped before it has said what was wrong and removed what it started."""
+    must not be stopped before it has said what was wrong and removed what it started, nor
+    any process while it leaves the process group (training/interrupt.py)."""
+    from cifarlab.training.interrupt import stopping
+
+    stopping()
     if speaks():
         print(message, file=sys.stderr)
     else:
@@ -804,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         return failed(130, f"cifarlab: {e}")
     except KeyboardInterrupt:
+        from cifarlab.training.interrupt import stopping
+
+        stopping()
         print(
             "cifarlab: interrupted; a training run continues with `cifarlab train --resume RUN_DIR`",
             file=sys.stderr,

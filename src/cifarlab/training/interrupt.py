@@ -1,24 +1,41 @@
 """Ctrl-C (and SIGTERM) during training: held until the current step is done, never inside
 one. SIGTERM is what `kill`, a scheduler's preemption and torchrun's agent (stopping its
-processes after Ctrl-C or a failed peer) send: it stops the run the same way, with its line."""
+processes after Ctrl-C or a failed peer) send: it stops the run the same way, with its line.
+
+Under torchrun each process gets every stop twice: Ctrl-C reaches the whole process group, and
+the agent, stopped by the same Ctrl-C, sends it on to its processes a moment later. A second
+signal is then no user's second press: it is held too (the agent kills a process that has not
+stopped after 30 s), and once a process is stopping, further signals are ignored (`stopping`),
+so that leaving the process group is not cut short (gloo's threads then abort the process at
+exit: "terminate called without an active exception")."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (then it trains, it does not launch;
+    read from the environment, without importing torch)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
 class CtrlC:
     """SIGINT while a training step runs is held until the step is done, then raised as
     KeyboardInterrupt (a KeyboardInterrupt raised inside a C++ op's callback or a `__del__`
-    can be swallowed); anywhere else, and at a second Ctrl-C, it is raised at once."""
+    can be swallowed); anywhere else, and at a second Ctrl-C (but under torchrun), it is
+    raised at once."""
 
     def __init__(self):
         self.holding = self.asked = False
 
     def handler(self, signum, frame):
-        if self.holding and not self.asked:
+        if self.holding and (not self.asked or under_torchrun()):
             self.asked = True
             return
         raise KeyboardInterrupt
@@ -39,7 +56,7 @@ class CtrlC:
         if threading.current_thread() is not threading.main_thread():
             yield  # signals reach the main thread only
             return
-        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.handler) for s in STOPS}
         try:
             yield
         finally:
@@ -48,3 +65,11 @@ class CtrlC:
 
 
 CTRL_C = CtrlC()
+
+
+def stopping() -> None:
+    """A torchrun process that is stopping (interrupted, or failed) ignores the stop signals
+    that the agent sends on: see the module's docstring. Elsewhere nothing changes."""
+    if under_torchrun() and threading.current_thread() is threading.main_thread():
+        for s in STOPS:
+            signal.signal(s, signal.SIG_IGN)

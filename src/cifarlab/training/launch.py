@@ -26,11 +26,6 @@ RDZV_ID = "cifarlab"  # every machine of a multi-node run joins the same rendezv
 RDZV_TIMEOUT_S = 60  # how long a machine waits for the others to join (torchrun: 900)
 
 
-def under_torchrun() -> bool:
-    """Whether this process is one of torchrun's workers (then it trains, it does not launch)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
 def check_endpoint(endpoint: str) -> tuple[str, int]:
     """HOST:PORT that resolves, else a one-line error."""
     host, sep, port = endpoint.rpartition(":")
