@@ -389,6 +389,36 @@ def test_feature_cache_and_two_phases_under_two_processes(tmp_path, tiny_folder)
     assert json.loads((out / "metrics.json").read_text())["val"]["accuracy"] > 0.6
 
 
+def test_two_processes_share_out_the_teachers_logits_and_rank_0_keeps_them(tmp_path, tiny_folder):
+    """distill.cache under DDP: each process computes the teacher's logits of its share of the
+    images and every one gets the whole table, the same as one process computes; rank 0 alone
+    writes it, and alone reads it in the next run (another machine's home need not hold it)."""
+    import cifarlab
+
+    teacher = tmp_path / "teacher"
+    cifarlab.train(recipe(tmp_path, name="teacher"), tiny_folder, teacher, progress=False)
+    base = ["--no-track", "--recipe", recipe(tmp_path, epochs=1), "--data", tiny_folder,
+            "--teacher", teacher, "--set", "distill.cache=true"]  # fmt: skip
+    runs = {}
+    for name, home, nproc in (("one", "h1", 1), ("two", "h2", 2), ("again", "h2", 2)):
+        env = {**os.environ, "CIFARLAB_HOME": str(tmp_path / home)}
+        runs[name] = subprocess.run(
+            [*CLI, "train", "--no-progress", *map(str, base), "--nproc-per-node", str(nproc),
+             "--out", str(tmp_path / name)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env,
+        )  # fmt: skip
+        assert runs[name].returncode == 0, runs[name].stderr
+    assert runs["two"].stderr.count("x 2 (plain, mirrored) computed by 2 processes") == 1
+    one, two = (
+        np.load(next((tmp_path / h / "teacher-logits").glob("*.npy"))) for h in ("h1", "h2")
+    )
+    assert one.shape == (45, 2, 3)
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+    assert runs["again"].stderr.count("read from") == 1
+    cache = json.loads((tmp_path / "again" / "metrics.json").read_text())["teacher_cache"]
+    assert cache["logits"] == "read"
+
+
 def test_a_tune_study_trains_each_trial_in_two_processes(tmp_path, tiny_folder):
     """Trials one after another, each distributed: rank 0 owns the study and MLflow."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"

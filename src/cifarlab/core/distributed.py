@@ -115,6 +115,20 @@ def broadcast(obj):
     return json.loads(bytes(data.cpu().tolist()).decode())
 
 
+def from_main(array: np.ndarray | None) -> np.ndarray:
+    """Rank 0's array on every rank (what the others pass is ignored)."""
+    if not dist.is_initialized():
+        return array
+    shape, dtype = broadcast([list(array.shape), str(array.dtype)] if world().main else None)
+    if world().main:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+    else:
+        t = torch.empty(shape, dtype=getattr(torch, dtype))
+    t = t.to(_comm_device())
+    dist.broadcast(t, 0)
+    return t.cpu().numpy()
+
+
 def all_sum(values: list[float]) -> list[float]:
     """The sum over ranks of each value (float64)."""
     if not dist.is_initialized():

@@ -19,6 +19,8 @@ rows up by image and flip. Exact for flips (where the student trains at the stor
 a student that resizes its input showed the live teacher a resized copy); under shifts and
 cutout the teacher's answer is that for the whole, unshifted image. Augmentations that change an image more (rotation, zoom,
 brightness, contrast, MixUp, CutMix) are refused with the cache.
+Under torchrun each process computes its share of the images and receives the whole table;
+rank 0 alone reads or writes the file.
 """
 
 from __future__ import annotations
@@ -96,29 +98,34 @@ class Teacher:
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         path = cifarlab_home() / "teacher-logits" / f"{digest[:32]}.npy"
-        start = time.perf_counter()
-        if distributed.world().main and not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path, suffix=".npy") as tmp:
-                np.save(tmp, self._all_views(train, device, batch))
-            how, what = (
-                "computed",
-                f"computed in {time.perf_counter() - start:.1f}s, saved to {path}",
-            )
-        else:
+        start, w = time.perf_counter(), distributed.world()
+        # rank 0 alone reads and writes the file (other machines' homes need not hold it); under
+        # torchrun each process computes its share of the images and all get the whole table
+        if distributed.broadcast(path.is_file()):
+            table = distributed.from_main(np.load(path, allow_pickle=False) if w.main else None)
             how, what = "read", f"read from {path}"
-        distributed.barrier()  # rank 0 has written it
-        self.table = torch.from_numpy(np.load(path, allow_pickle=False)).to(device)
+        else:
+            mine = self._all_views(train.images[w.shard(len(train))], device, batch)
+            table = distributed.gather_rows(mine, len(train))
+            if w.main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path, suffix=".npy") as tmp:
+                    np.save(tmp, table)
+            by = f" by {w.size} processes" if w.active else ""
+            how = "computed"
+            what = f"computed{by} in {time.perf_counter() - start:.1f}s, saved to {path}"
+        self.table = torch.from_numpy(table).to(device)
         self.cache = {"logits": how, "seconds": round(time.perf_counter() - start, 2)}
         log(f"distill: teacher logits of {len(train)} images x 2 (plain, mirrored) {what}")
 
-    def _all_views(self, train: ImageSet, device, batch: int) -> np.ndarray:
-        out = []
-        for i in range(0, len(train), batch):
-            x = torch.from_numpy(train.images[i : i + batch]).to(device)
+    def _all_views(self, images: np.ndarray, device, batch: int) -> np.ndarray:
+        """The teacher's logits of uint8 images (N, H, W, 3), plain and mirrored: (N, 2, classes)."""
+        out = [np.zeros((0, 2, len(self.info["classes"])), np.float32)]  # for a share of none
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i : i + batch]).to(device)
             x = x.permute(0, 3, 1, 2).float().div_(255)
-            out.append(torch.stack([self.logits_of(x), self.logits_of(x.flip(3))], 1).cpu())
-        return torch.cat(out).numpy()
+            out.append(torch.stack([self.logits_of(x), self.logits_of(x.flip(3))], 1).cpu().numpy())
+        return np.concatenate(out)
 
     def lookup(self, idx: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
         """Cached logits of images `idx` in the orientation each was shown."""
