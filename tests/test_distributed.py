@@ -101,31 +101,30 @@ def test_under_torchrun_the_agents_repeated_stop_neither_cuts_a_step_nor_the_tea
     monkeypatch,
 ):
     """Ctrl-C reaches each process twice under torchrun (the terminal's, then the agent's):
-    alone, a second Ctrl-C raises at once; under torchrun it is held to the step's end, and a
-    stopping process ignores further stops while it leaves the process group."""
-    from cifarlab.training.interrupt import STOPS, CtrlC, stopping
+    alone, a second Ctrl-C raises at once; under torchrun the first stop is held to the step's
+    end and every later one is ignored, during the step and while the process leaves."""
+    from cifarlab.training.interrupt import STOPS, CtrlC
 
     for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     c, steps = CtrlC(), []
-    with pytest.raises(KeyboardInterrupt):
-        with c.deferred():
-            c.handler(signal.SIGINT, None)  # held
-            with pytest.raises(KeyboardInterrupt):
-                c.handler(signal.SIGINT, None)  # a user's second press: at once
     previous = {s: signal.getsignal(s) for s in STOPS}
     try:
-        stopping()  # alone: nothing changes
-        assert {s: signal.getsignal(s) for s in STOPS} == previous
+        with pytest.raises(KeyboardInterrupt):
+            with c.installed(), c.deferred():
+                c.handler(signal.SIGINT, None)  # held
+                assert signal.getsignal(signal.SIGINT) == c.handler  # nothing ignored
+                with pytest.raises(KeyboardInterrupt):
+                    c.handler(signal.SIGINT, None)  # a user's second press: at once
+        assert {s: signal.getsignal(s) for s in STOPS} == previous  # restored
         monkeypatch.setenv("LOCAL_RANK", "0")
         with pytest.raises(KeyboardInterrupt):
-            with c.deferred():
-                c.handler(signal.SIGINT, None)
-                c.handler(signal.SIGINT, None)  # the agent's, sent on: held too
+            with c.installed(), c.deferred():
+                c.handler(signal.SIGINT, None)  # the terminal's: held
+                assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOPS)  # the agent's
                 steps.append("finished")
         assert steps == ["finished"]
-        stopping()
-        assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOPS)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOPS)  # and while it leaves
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

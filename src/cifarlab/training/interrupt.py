@@ -3,10 +3,10 @@ one. SIGTERM is what `kill`, a scheduler's preemption and torchrun's agent (stop
 processes after Ctrl-C or a failed peer) send: it stops the run the same way, with its line.
 
 Under torchrun each process gets every stop twice: Ctrl-C reaches the whole process group, and
-the agent, stopped by the same Ctrl-C, sends it on to its processes a moment later. A second
-signal is then no user's second press: it is held too (the agent kills a process that has not
-stopped after 30 s), and once a process is stopping, further signals are ignored (`stopping`),
-so that leaving the process group is not cut short (gloo's threads then abort the process at
+the agent, stopped by the same Ctrl-C, sends it on to its processes a moment later. That second
+signal is no user's second press, so a torchrun process ignores every stop after its first
+(`stopping`; the agent kills a process that has not stopped after 30 s): it must cut neither
+the step short nor the leaving of the process group (gloo's threads then abort the process at
 exit: "terminate called without an active exception")."""
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ def under_torchrun() -> bool:
 class CtrlC:
     """SIGINT while a training step runs is held until the step is done, then raised as
     KeyboardInterrupt (a KeyboardInterrupt raised inside a C++ op's callback or a `__del__`
-    can be swallowed); anywhere else, and at a second Ctrl-C (but under torchrun), it is
-    raised at once."""
+    can be swallowed); anywhere else, and at a second Ctrl-C, it is raised at once."""
 
     def __init__(self):
         self.holding = self.asked = False
 
     def handler(self, signum, frame):
-        if self.holding and (not self.asked or under_torchrun()):
+        stopping()  # under torchrun, the agent's repeat of this stop is ignored
+        if self.holding and not self.asked:
             self.asked = True
             return
         raise KeyboardInterrupt
@@ -61,15 +61,16 @@ class CtrlC:
             yield
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                if signal.getsignal(s) == self.handler:  # not if `stopping` set it since
+                    signal.signal(s, handler)
 
 
 CTRL_C = CtrlC()
 
 
 def stopping() -> None:
-    """A torchrun process that is stopping (interrupted, or failed) ignores the stop signals
-    that the agent sends on: see the module's docstring. Elsewhere nothing changes."""
+    """A torchrun process that is stopping (interrupted, or failed) ignores further stop
+    signals, such as the agent's repeat: see the module's docstring. Elsewhere nothing changes."""
     if under_torchrun() and threading.current_thread() is threading.main_thread():
         for s in STOPS:
             signal.signal(s, signal.SIG_IGN)
