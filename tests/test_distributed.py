@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,13 +98,21 @@ def test_micro_batches_give_the_whole_batch_gradient():
         torch.testing.assert_close(a, b)
 
 
+def watchdogs() -> list[threading.Timer]:
+    return [
+        t
+        for t in threading.enumerate()
+        if isinstance(t, threading.Timer) and t.function is os._exit
+    ]
+
+
 def test_under_torchrun_the_agents_repeated_stop_neither_cuts_a_step_nor_the_teardown(
     monkeypatch,
 ):
     """Ctrl-C reaches each process twice under torchrun (the terminal's, then the agent's):
     alone, a second Ctrl-C raises at once; under torchrun the first stop is held to the step's
     end and every later one is ignored, during the step and while the process leaves."""
-    from cifarlab.training.interrupt import STOPS, CtrlC
+    from cifarlab.training.interrupt import STOP_WITHIN_S, STOPS, CtrlC
 
     for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -125,9 +134,39 @@ def test_under_torchrun_the_agents_repeated_stop_neither_cuts_a_step_nor_the_tea
                 steps.append("finished")
         assert steps == ["finished"]
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOPS)  # and while it leaves
+        (watchdog,) = watchdogs()
+        assert watchdog.daemon and watchdog.interval == STOP_WITHIN_S  # a stuck one still ends
     finally:
+        for t in watchdogs():  # this test process is not to exit
+            t.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def share_out(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes: rank 0's array to both, and rows gathered from shares of
+    which rank 1's is empty (one row between two processes)."""
+    from cifarlab.core import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))  # fmt: skip
+    distributed.init(torch.device("cpu"))
+    table = np.arange(12, dtype=np.float32).reshape(3, 2, 2) + 100 if rank == 0 else None
+    got = distributed.from_main(table)
+    part = np.full((len(distributed.world().shard(1)), 2), rank + 1.0, np.float32)
+    rows = distributed.gather_rows(part, 1)
+    np.savez(f"{out}/rank{rank}.npz", got=got, rows=rows)
+    distributed.close()
+
+
+def test_rank_0s_array_and_gathered_rows_reach_every_process(tmp_path):
+    torch.multiprocessing.spawn(share_out, args=(free_port(), str(tmp_path)), nprocs=2)
+    expected = np.arange(12, dtype=np.float32).reshape(3, 2, 2) + 100
+    for rank in (0, 1):
+        saved = np.load(tmp_path / f"rank{rank}.npz")
+        np.testing.assert_array_equal(saved["got"], expected)
+        assert saved["got"].dtype == np.float32
+        np.testing.assert_array_equal(saved["rows"], [[1.0, 1.0]])  # rank 0's row; 1 had none
 
 
 # -- whole runs ---------------------------------------------------------------------------------
@@ -441,7 +480,7 @@ def test_a_tune_study_trains_each_trial_in_two_processes(tmp_path, tiny_folder):
 
 def test_ctrl_c_stops_every_process_with_rank_0s_line(tmp_path):
     """Ctrl-C reaches the launcher and its processes (one process group, as in a terminal);
-    torchrun's agent then sends SIGTERM, which stops a step as Ctrl-C does."""
+    torchrun's agent then sends the same SIGINT on, which each process ignores."""
     data = make_folder(tmp_path / "data", per_class=60)
     out = tmp_path / "run"
     proc = subprocess.Popen(

@@ -5,9 +5,11 @@ processes after Ctrl-C or a failed peer) send: it stops the run the same way, wi
 Under torchrun each process gets every stop twice: Ctrl-C reaches the whole process group, and
 the agent, stopped by the same Ctrl-C, sends it on to its processes a moment later. That second
 signal is no user's second press, so a torchrun process ignores every stop after its first
-(`stopping`; the agent kills a process that has not stopped after 30 s): it must cut neither
-the step short nor the leaving of the process group (gloo's threads then abort the process at
-exit: "terminate called without an active exception")."""
+(`stopping`): it must cut neither the step short nor the leaving of the process group (gloo's
+threads then abort the process at exit: "terminate called without an active exception"). What
+bounds a process that then fails to stop (a stuck collective, an interrupt swallowed in a
+`__del__`) is a watchdog that ends it STOP_WITHIN_S after its first stop, besides the agent's
+SIGKILL 30 s into its own shutdown."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import signal
 import threading
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
+STOP_WITHIN_S = 60.0  # a stopping torchrun process still running then exits (code 130)
 
 
 def under_torchrun() -> bool:
@@ -71,6 +74,11 @@ CTRL_C = CtrlC()
 def stopping() -> None:
     """A torchrun process that is stopping (interrupted, or failed) ignores further stop
     signals, such as the agent's repeat: see the module's docstring. Elsewhere nothing changes."""
-    if under_torchrun() and threading.current_thread() is threading.main_thread():
-        for s in STOPS:
-            signal.signal(s, signal.SIG_IGN)
+    if not under_torchrun() or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # the first stop: start the watch
+        watchdog = threading.Timer(STOP_WITHIN_S, os._exit, (130,))
+        watchdog.daemon = True
+        watchdog.start()
+    for s in STOPS:
+        signal.signal(s, signal.SIG_IGN)
