@@ -105,7 +105,7 @@ class Teacher:
             table = distributed.from_main(np.load(path, allow_pickle=False) if w.main else None)
             how, what = "read", f"read from {path}"
         else:
-            mine = self._all_views(train.images[w.shard(len(train))], device, batch)
+            mine = self._all_views(distributed.share(train).images, device, batch)
             table = distributed.gather_rows(mine, len(train))
             if w.main:
                 path.parent.mkdir(parents=True, exist_ok=True)
