@@ -4,6 +4,7 @@ own preprocessing, and `cifarlab train --teacher` end to end."""
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,15 @@ def test_cached_teacher_logits_are_the_teachers_own_for_flipped_views(
     again = Teacher(str(tmp_path / "teacher")).place(data.classes, "cpu", pre, choice)
     again.cache_views(data, "cpu")
     assert "read from" in capsys.readouterr().err  # the same teacher and images: from disk
-    assert len(list((cifarlab_home / "teacher-logits").glob("*.npy"))) == 1
+    (saved,) = (cifarlab_home / "teacher-logits").glob("*.npy")
+    torch.testing.assert_close(again.table, teacher.table)
+    saved.write_bytes(saved.read_bytes()[:200])  # a damaged file: computed again and replaced
+    third = Teacher(str(tmp_path / "teacher")).place(data.classes, "cpu", pre, choice)
+    third.cache_views(data, "cpu")
+    err = capsys.readouterr().err
+    assert "ignoring the teacher-logits file" in err and "computed in" in err
+    torch.testing.assert_close(third.table, teacher.table)
+    assert np.load(saved).shape == tuple(teacher.table.shape)
 
 
 def test_train_with_cached_teacher_logits(tiny_folder, tiny_recipe, tmp_path, capsys):

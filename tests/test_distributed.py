@@ -318,6 +318,7 @@ def node(rank: int, port: int, r: Path, data: Path, out: Path) -> subprocess.Pop
     )
 
 
+@pytest.mark.slow  # ~13 s; the lost-machine test also meets on loopback
 def test_two_nodes_on_loopback_with_plain_torchrun(tmp_path, tiny_folder):
     """Two torchrun launchers, one process each, meeting at 127.0.0.1 as two machines would."""
     port, r = free_port(), recipe(tmp_path, epochs=2)
@@ -394,7 +395,7 @@ def test_budget_lookahead_ema_and_tta_under_two_processes(tmp_path, tiny_folder,
     out = tmp_path / "run"
     r = train(
         "--no-track", "--recipe", tiny_fast_recipe, "--data", tiny_folder, "--set", "train.ema=0.9",
-        "--budget", "20s", "--nproc-per-node", 2, "--out", out, cwd=tmp_path,
+        "--budget", "12s", "--nproc-per-node", 2, "--out", out, cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("budget: first training step") == 1  # planned once
@@ -427,18 +428,23 @@ def test_feature_cache_and_two_phases_under_two_processes(tmp_path, tiny_folder)
     assert json.loads((out / "metrics.json").read_text())["val"]["accuracy"] > 0.6
 
 
-def test_two_processes_share_out_the_teachers_logits_and_rank_0_keeps_them(tmp_path, tiny_folder):
+def test_two_processes_share_out_the_teachers_logits_and_rank_0_keeps_them(
+    tmp_path, tiny_folder, monkeypatch
+):
     """distill.cache under DDP: each process computes the teacher's logits of its share of the
     images and every one gets the whole table, the same as one process computes; rank 0 alone
     writes it, and alone reads it in the next run (another machine's home need not hold it)."""
     import cifarlab
 
-    teacher = tmp_path / "teacher"
+    teacher, student = tmp_path / "teacher", recipe(tmp_path, epochs=1)
     cifarlab.train(recipe(tmp_path, name="teacher"), tiny_folder, teacher, progress=False)
-    base = ["--no-track", "--recipe", recipe(tmp_path, epochs=1), "--data", tiny_folder,
+    monkeypatch.setenv("CIFARLAB_HOME", str(tmp_path / "h1"))  # one process: this one
+    taught = {"distill.teacher": str(teacher), "distill.cache": True}
+    cifarlab.train(student, tiny_folder, tmp_path / "one", overrides=taught, progress=False)
+    base = ["--no-track", "--recipe", student, "--data", tiny_folder,
             "--teacher", teacher, "--set", "distill.cache=true"]  # fmt: skip
     runs = {}
-    for name, home, nproc in (("one", "h1", 1), ("two", "h2", 2), ("again", "h2", 2)):
+    for name, home, nproc in (("two", "h2", 2), ("again", "h2", 2)):
         env = {**os.environ, "CIFARLAB_HOME": str(tmp_path / home)}
         runs[name] = subprocess.run(
             [*CLI, "train", "--no-progress", *map(str, base), "--nproc-per-node", str(nproc),
@@ -457,6 +463,7 @@ def test_two_processes_share_out_the_teachers_logits_and_rank_0_keeps_them(tmp_p
     assert cache["logits"] == "read"
 
 
+@pytest.mark.slow  # ~21 s; tune and DDP are each tested on their own
 def test_a_tune_study_trains_each_trial_in_two_processes(tmp_path, tiny_folder):
     """Trials one after another, each distributed: rank 0 owns the study and MLflow."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -101,19 +101,18 @@ class Teacher:
         start, w = time.perf_counter(), distributed.world()
         # rank 0 alone reads and writes the file (other machines' homes need not hold it); under
         # torchrun each process computes its share of the images and all get the whole table
-        if distributed.broadcast(path.is_file()):
-            table = distributed.from_main(np.load(path, allow_pickle=False) if w.main else None)
+        shape = (len(train), 2, len(self.info["classes"]))
+        table = _read_table(path, shape) if w.main else None
+        if distributed.broadcast(table is not None):
+            table = distributed.from_main(table)
             how, what = "read", f"read from {path}"
         else:
             mine = self._all_views(distributed.share(train).images, device, batch)
             table = distributed.gather_rows(mine, len(train))
-            if w.main:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path, suffix=".npy") as tmp:
-                    np.save(tmp, table)
+            saved = _write_table(path, table) if w.main else ""
             by = f" by {w.size} processes" if w.active else ""
             how = "computed"
-            what = f"computed{by} in {time.perf_counter() - start:.1f}s, saved to {path}"
+            what = f"computed{by} in {time.perf_counter() - start:.1f}s{saved}"
         self.table = torch.from_numpy(table).to(device)
         self.cache = {"logits": how, "seconds": round(time.perf_counter() - start, 2)}
         log(f"distill: teacher logits of {len(train)} images x 2 (plain, mirrored) {what}")
@@ -153,6 +152,34 @@ class Teacher:
             + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "")
             + ")"
         )
+
+
+def _read_table(path, shape: tuple) -> np.ndarray | None:
+    """The cached logits at `path`, or None where there are none to trust (no file, or one that
+    is damaged or of another shape: then they are computed again and the file replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        table = np.load(path, allow_pickle=False)
+        if table.shape == shape and table.dtype == np.float32:
+            return table
+        why = f"{table.dtype} {table.shape}, not float32 {shape}"
+    except (OSError, ValueError, EOFError) as err:
+        why = str(err)
+    log(f"distill: ignoring the teacher-logits file {path} ({why}); computing them again")
+    return None
+
+
+def _write_table(path, table: np.ndarray) -> str:
+    """Save the logits for the next run (atomically); a home that cannot be written costs only
+    that."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, table)
+    except OSError as err:
+        return f", not saved ({err}: set CIFARLAB_HOME to a writable folder to keep them)"
+    return f", saved to {path}"
 
 
 def _stats(preprocess: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
