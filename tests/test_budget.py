@@ -291,7 +291,7 @@ def test_planning_stops_timing_sizes_once_its_allowance_is_spent(monkeypatch):
     )  # fmt: skip
     # 0.3 s spent, 1.5 x 0.3 s more would pass the 0.5 s allowed: one size timed, no more
     assert len(timed) == 1 < len(recipe["budget"]["sizes"])
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 2.0  # 0.3 s slept; slack for a busy machine
     assert any("not timed" in line for line in logged)
 
 
