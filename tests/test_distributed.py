@@ -381,11 +381,26 @@ def test_launch_errors_are_one_line_and_exit_2(tmp_path, tiny_folder):
             assert expected in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_sync_bn_on_the_cpu_is_refused(tmp_path, tiny_folder):
-    r = train("--no-track", "--recipe", recipe(tmp_path), "--data", tiny_folder, "--sync-bn",
-              "--nproc-per-node", 2, "--out", tmp_path / "run", cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 2
-    assert "--sync-bn (sync_bn: true) needs CUDA" in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sync-bn"], "--sync-bn (sync_bn: true) needs CUDA"),
+        (["--set", "train.lrr=1"], "train.lrr"),
+        (["--resume", "nowhere"], "has no last.pt/config.yaml to resume from"),
+    ],
+)
+def test_what_every_process_would_refuse_is_refused_before_they_start(
+    tmp_path, tiny_folder, monkeypatch, capsys, flags, message
+):
+    from cifarlab.cli import main
+    from cifarlab.training import launch
+
+    monkeypatch.setattr(launch, "launch", lambda *a, **k: pytest.fail("processes started"))
+    argv = ["train", "--no-track", "--recipe", str(recipe(tmp_path)), "--data", str(tiny_folder),
+            "--nproc-per-node", "2", "--out", str(tmp_path / "run"), *flags]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 

@@ -41,15 +41,38 @@ def train(
     seconds) sizes the schedule to finish in about that time on this machine. `callbacks`
     (cifarlab.training.events.Callback) are called after the run's own."""
     budget_s = parse_budget(budget) if budget is not None else None
+    resolved = train_recipe(recipe, data, test, overrides, resume)
+    if resume is not None:
+        result = fit(resolved, RunDir(resume).path, True, progress, tracker, callbacks=callbacks)
+        return {**result, "run_dir": str(RunDir(resume))}
+    run = RunDir(out or Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}")
+    if distributed.init(resolve_device(resolved["device"])).active:
+        run = RunDir(distributed.broadcast(str(run)))  # rank 0's clock names the run
+    if run.last.exists():
+        raise UserError(
+            f"{run} already holds a run; use --resume {run} to continue it or another --out"
+        )
+    result = fit(resolved, run.path, False, progress, tracker, budget_s, callbacks)
+    return {**result, "run_dir": str(run)}
 
+
+def train_recipe(
+    recipe: str | Path = "seed-cnn",
+    data: str | Path | None = "cifar10",
+    test: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: str | Path | None = None,
+) -> dict:
+    """The whole recipe `train` would run with these arguments (the run's own, to resume it);
+    what `train` refuses before it starts (a bad key or value, no data, nothing to resume) is
+    refused here."""
     if resume is not None:
         run = RunDir(resume)
         if not run.resumable():
             raise UserError(
                 f"{run} has no last.pt/config.yaml to resume from; pass a run directory"
             )
-        result = fit(run.recipe(overrides), run.path, True, progress, tracker, callbacks=callbacks)
-        return {**result, "run_dir": str(run)}
+        return run.recipe(overrides)
     overrides = dict(overrides or {})
     if data is not None:
         overrides["data.source"] = absolute(data)
@@ -60,15 +83,7 @@ def train(
         raise UserError(
             "no training data: pass --data PATH (an image folder, an archive or 'cifar10')"
         )
-    run = RunDir(out or Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}")
-    if distributed.init(resolve_device(resolved["device"])).active:
-        run = RunDir(distributed.broadcast(str(run)))  # rank 0's clock names the run
-    if run.last.exists():
-        raise UserError(
-            f"{run} already holds a run; use --resume {run} to continue it or another --out"
-        )
-    result = fit(resolved, run.path, False, progress, tracker, budget_s, callbacks)
-    return {**result, "run_dir": str(run)}
+    return resolved
 
 
 def absolute(source: str | Path) -> str:

@@ -62,14 +62,17 @@ def overrides_from(args) -> dict:
     return out
 
 
-def launched(args, resume: str) -> bool:
+def launched(args, resume: str, check=None) -> bool:
     """With --nproc-per-node/--nnodes (and not yet under torchrun): run this same command as
-    torchrun's processes (training/launch.py) and say so; the exit code is theirs."""
+    torchrun's processes (training/launch.py) and say so; the exit code is theirs. `check(args)`
+    first refuses what the processes would."""
     from cifarlab.training import launch
     from cifarlab.training.interrupt import under_torchrun
 
     if not (args.nproc_per_node or args.nnodes) or under_torchrun():
         return False
+    if check is not None:
+        check(args)
     code = launch.launch(
         args.argv, args.nproc_per_node or 1, args.nnodes or 1, args.node_rank,
         args.rdzv_endpoint, resume,
@@ -79,33 +82,52 @@ def launched(args, resume: str) -> bool:
     return True
 
 
-def cmd_train(args) -> None:
-    n = args.nproc_per_node or 1
-    if launched(
-        args,
-        "A run that finished an epoch continues with "
-        f"`cifarlab train --resume {args.out or args.resume or 'RUN_DIR'} --nproc-per-node {n}`",
-    ):
-        return
+def preflight(args) -> None:
+    """Before torchrun starts the processes: what each of them would refuse at once (a bad
+    recipe, key or value, nothing to resume, --sync-bn on a CPU) is refused here, in one line,
+    without waiting for every process to start up and say it."""
+    from cifarlab import api
+    from cifarlab.training.fit import check_device
+
+    recipe = api.train_recipe(args.recipe, args.data, args.test, train_overrides(args), args.resume)
+    check_device(recipe, several=(args.nproc_per_node or 1) * (args.nnodes or 1) > 1)
+
+
+def train_overrides(args) -> dict:
+    """`train`'s recipe overrides: those of `overrides_from`, the weights' and the teacher's."""
     from cifarlab import api
 
-    if args.resume is None and args.data is None:
-        raise UserError(
-            "pass --data PATH (image folder, archive, CIFAR-10 folder or 'cifar10'), "
-            "or --resume RUN_DIR"
-        )
-    check_budget_unit(args.budget)
     overrides = overrides_from(args)
     if args.pretrained_source is not None or args.weights is not None:
         overrides.update(pretrained_overrides(args))
     if args.teacher is not None:
         overrides["distill.teacher"] = api.absolute(args.teacher)
+    return overrides
+
+
+def cmd_train(args) -> None:
+    if args.resume is None and args.data is None:
+        raise UserError(
+            "pass --data PATH (image folder, archive, CIFAR-10 folder or 'cifar10'), "
+            "or --resume RUN_DIR"
+        )
+    n = args.nproc_per_node or 1
+    if launched(
+        args,
+        "A run that finished an epoch continues with "
+        f"`cifarlab train --resume {args.out or args.resume or 'RUN_DIR'} --nproc-per-node {n}`",
+        check=preflight,
+    ):
+        return
+    from cifarlab import api
+
+    check_budget_unit(args.budget)
     result = api.train(
         args.recipe,
         args.data,
         args.out,
         args.test,
-        overrides,
+        train_overrides(args),
         args.resume,
         progress=not args.no_progress,
         tracker=tracker_from(args),

@@ -170,18 +170,26 @@ def _fit(recipe, run: RunDir, resume, tracker, budget_s, extra: list[Callback]) 
     return finish(trainer, setup.test_set, setup.teacher)
 
 
-def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
-    """Set up the run: (Setup, loader_for(phase), val_loader). Writes config.yaml once, with
-    every decision in it (precision, size, epochs): resume reads them back."""
-    device = distributed.local_device(resolve_device(recipe["device"]))
-    world = distributed.world()
-    threads = set_threads(recipe["threads"])
-    use_compile(recipe["compile"], device)  # a bad setting fails before the data is read
-    if recipe["sync_bn"] and world.active and device.type != "cuda":
+def check_device(recipe: dict, several: bool) -> torch.device:
+    """The run's device, with the settings it cannot run refused before any data is read (the
+    launcher asks before it starts the processes: `several` is then whether there will be more
+    than one)."""
+    device = resolve_device(recipe["device"])
+    use_compile(recipe["compile"], device)
+    if recipe["sync_bn"] and several and device.type != "cuda":
         raise UserError(
             "--sync-bn (sync_bn: true) needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
             "on the CPU each process normalises over its own rows of the batch"
         )
+    return device
+
+
+def prepare(recipe: dict, run: RunDir, resume: bool, budget_s, started: float):
+    """Set up the run: (Setup, loader_for(phase), val_loader). Writes config.yaml once, with
+    every decision in it (precision, size, epochs): resume reads them back."""
+    world = distributed.world()
+    device = distributed.local_device(check_device(recipe, world.active))
+    threads = set_threads(recipe["threads"])
     teacher = Teacher(recipe["distill"]["teacher"]) if recipe["distill"]["teacher"] else None
     torch.manual_seed(recipe["seed"])
     train_set, val_set, test_set = split_data(recipe)  # bad data fails before anything is written
