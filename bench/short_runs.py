@@ -1,13 +1,15 @@
 """Which settings suit a short `fast` run: held-out accuracy (the recipe's TTA, and plain) of
-variants of the short-run size (`budget.sizes`, the one with `train.lr_end`) trained for a fixed
-number of epochs, each variant its own run per seed, warm-up at the recipe's share.
+variants of one of `budget.sizes` (default: the short-run size, the one with `train.lr_end`;
+`--size N` for the N-th, from 1) trained for a fixed number of epochs, each variant its own run
+per seed, warm-up at the recipe's share.
 
 Usage: python bench/short_runs.py --data PATH [--epochs 3] [--seeds 0 1] [--only NAME ...]
+       python bench/short_runs.py --data PATH --size 2 --epochs 8 --only size triangle
 
-Writes bench/results/short_runs-fast-EPOCHSep.json after every run (a rerun skips the runs it
-has: same seed, settings, CPU and emulation) and prints a table of each variant's mean per CPU
-(runs without emulation). Accuracy at a fixed epoch count does not depend on
-how busy the machine is; its seconds do.
+Writes bench/results/short_runs-fast-EPOCHSep.json (with --size: short_runs-fast-sizeN-EPOCHSep.json)
+after every run (a rerun skips the runs it has: same seed, settings, CPU and emulation) and
+prints a table of each variant's mean per CPU (runs without emulation). Accuracy at a fixed
+epoch count does not depend on how busy the machine is; its seconds do.
 """
 
 import argparse
@@ -30,21 +32,35 @@ VARIANTS = {
     "fp32": {"precision": "fp32"},  # bf16 autocast's rounding: does it cost a short run points?
     "batch512": {"train.batch_size": 512, "train.lr": 0.75},  # 2x the steps, same LR per image
     "warmup20": {"warmup_share": 0.2},  # airbench94 peaks at 20% of training, `fast` at 23%
+    # for the half width (--size 2), where a slow CPU's 15 minutes buy about 7-8 epochs:
+    "triangle": {"train.lr_start": 0.2, "train.lr_end": 0.07},  # the short-run size's LR ends
+    "triangle-nocutout": {"train.lr_start": 0.2, "train.lr_end": 0.07, "augment.cutout": 0},
+    "triangle-nocutout-b512": {
+        "train.lr_start": 0.2,
+        "train.lr_end": 0.07,
+        "augment.cutout": 0,
+        "train.batch_size": 512,
+        "train.lr": 0.75,
+    },
 }
 
 
-def short_size(recipe: dict) -> dict:
-    """The budget size written for short runs: the one that sets `train.lr_end`."""
-    return next(s for s in recipe["budget"]["sizes"] if "train.lr_end" in s)
+def size_settings(recipe: dict, size: int | None) -> dict:
+    """Budget size `size` (from 1), or the one written for short runs of the base width: it
+    sets `train.lr_end` and keeps the recipe's widths."""
+    sizes = recipe["budget"]["sizes"]
+    if size:
+        return sizes[size - 1]
+    return next(s for s in sizes if "train.lr_end" in s and "model.widths" not in s)
 
 
-def settings(name: str) -> dict:
-    return {**short_size(config.load_recipe("fast")), **VARIANTS[name]}
+def settings(name: str, size: int | None = None) -> dict:
+    return {**size_settings(config.load_recipe("fast"), size), **VARIANTS[name]}
 
 
-def one_run(data: str, name: str, epochs: float, seed: int, runs: Path, here: dict) -> dict:
-    out = runs / f"fast-short-{name}-{epochs:g}ep-s{seed}"
-    written = settings(name)
+def one_run(data, name, epochs, seed, runs: Path, here: dict, size: int | None = None) -> dict:
+    out = runs / f"fast-{f'size{size}' if size else 'short'}-{name}-{epochs:g}ep-s{seed}"
+    written = settings(name, size)
     overrides = {**written, "seed": seed, "data.split_seed": 0}
     return {
         "variant": name,
@@ -60,26 +76,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--size", type=int, help="budget size N (from 1; default: the short-run one)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     p.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variants (default: all)")
     p.add_argument("--runs", help="keep the run directories here")
     args = p.parse_args()
-    name = f"short_runs-fast-{args.epochs:g}ep"
+    name = f"short_runs-fast-{f'size{args.size}-' if args.size else ''}{args.epochs:g}ep"
     path = RESULTS / f"{name}.json"
     rows = json.loads(path.read_text())["runs"] if path.is_file() else []
     runs = Path(args.runs or tempfile.mkdtemp(prefix="short_runs-"))
     here = machine()
     for seed in args.seeds:
         for variant in args.only or list(VARIANTS):
-            key = (seed, settings(variant), here["emulation"], here["cpu"])
+            key = (seed, settings(variant, args.size), here["emulation"], here["cpu"])
             if any((r["seed"], r["settings"], r["emulation"], r["cpu"]) == key for r in rows):
                 continue
-            rows.append(one_run(args.data, variant, args.epochs, seed, runs, here))
+            rows.append(one_run(args.data, variant, args.epochs, seed, runs, here, args.size))
             save(name, {"recipe": "fast", "data": str(args.data), "runs": rows})
     print(f"{'variant':<12} {'runs':>4} {'TTA':>7} {'plain':>7} {'train s':>8}  cpu")
     for cpu in sorted({r["cpu"] for r in rows}):
         for variant in VARIANTS:
-            written = settings(variant)
+            written = settings(variant, args.size)
             mine = [
                 r
                 for r in rows
