@@ -43,8 +43,9 @@ def train(
     budget_s = parse_budget(budget) if budget is not None else None
     resolved = train_recipe(recipe, data, test, overrides, resume)
     if resume is not None:
-        result = fit(resolved, RunDir(resume).path, True, progress, tracker, callbacks=callbacks)
-        return {**result, "run_dir": str(RunDir(resume))}
+        run = RunDir(resume)
+        result = fit(resolved, run.path, True, progress, tracker, callbacks=callbacks)
+        return {**result, "run_dir": str(run)}
     run = RunDir(out or Path("runs") / f"{resolved['name']}-{datetime.now():%Y%m%d-%H%M%S}")
     if distributed.init(resolve_device(resolved["device"])).active:
         run = RunDir(distributed.broadcast(str(run)))  # rank 0's clock names the run
